@@ -1,0 +1,56 @@
+"""The Python API: one function per task, taking and returning volumes with geometry."""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .engine.pipeline import select_device
+from .errors import DiffusionMICError
+from .models import load_model
+from .progress import Progress, ProgressCallback, as_progress
+from .tasks import RunOptions, RunResult, get_task
+from .volume import Volume
+
+
+def run(task: str, model: str | Path, volumes: list[Volume], options: RunOptions | None = None, *,
+        progress: Progress | ProgressCallback | None = None,
+        cancel: Callable[[], bool] | None = None) -> RunResult:
+    """Run a task's model on input volumes; outputs are on the first input's exact grid."""
+    spec = get_task(task)
+    options = options or RunOptions()
+    device = select_device(options.device)
+    card, network = load_model(model, device)
+    if card.task != spec.name:
+        raise DiffusionMICError(f"model '{card.name}' is a {card.task} model, not a {spec.name} model")
+    options = options.with_card_defaults(card)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        result = spec.run(card, network, volumes, options, as_progress(progress, cancel), device)
+    result.info.update(seed=options.seed, sampler=options.sampler, steps=options.steps,
+                       model=card.name, device=str(device), wall_time_s=round(time.perf_counter() - t0, 2))
+    return result
+
+
+def _task_fn(task: str) -> Callable[..., Any]:
+    def call(volumes: Volume | list[Volume], model: str | Path, *, progress=None, cancel=None,
+             **options: Any) -> RunResult:
+        vols = [volumes] if isinstance(volumes, Volume) else list(volumes)
+        return run(task, model, vols, replace(RunOptions(), **options), progress=progress, cancel=cancel)
+    call.__name__ = task
+    call.__doc__ = (f"Run the {task} task: `{task}(volumes, model, steps=.., seed=.., progress=cb, cancel=fn)`;"
+                    " returns a RunResult whose outputs['output'] is a Volume on the input's grid.")
+    return call
+
+
+denoise = _task_fn("denoise")
+
+
+def evaluate(task: str, pred: Volume, ref: Volume, mask: Volume | None = None) -> dict[str, Any]:
+    """The task's metrics of a prediction against a reference (inside an optional mask)."""
+    return get_task(task).evaluate(pred, ref, mask)
+
+

@@ -1,0 +1,213 @@
+"""The `diffusion-mic` command line (DESIGN.md, 'Command line')."""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import Cancelled, DiffusionMICError
+from .progress import Progress
+from .volume import write_volume
+
+TASK_NAMES = ("generate", "translate", "segment", "denoise", "anomaly")
+
+
+def _progress(args: argparse.Namespace) -> Progress:
+    return Progress(getattr(args, "progress", "tqdm"))
+
+
+def cmd_phantom(args: argparse.Namespace) -> dict[str, Any]:
+    from .phantom import write_phantom
+    t0 = time.perf_counter()
+    progress = _progress(args)
+    progress.start("phantom", args.subjects)
+    cases = write_phantom(Path(args.out), subjects=args.subjects, seed=args.seed, resolution=args.resolution,
+                          noise=args.noise, lesions=args.lesions, progress=lambda done, total: progress.advance())
+    progress.close()
+    return {"out": str(args.out), "cases": cases, "wall_time_s": round(time.perf_counter() - t0, 2)}
+
+
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from .engine.pipeline import load_settings, train
+    settings = load_settings(args.config)
+    settings.setdefault("command", "diffusion-mic " + " ".join(sys.argv[1:]))
+    if args.seed is not None:
+        settings.setdefault("train", {})["seed"] = args.seed
+    card = train(args.task, args.data, args.out, settings=settings, max_steps=args.max_steps,
+                 device=args.device, progress=_progress(args), resume=not args.restart)
+    return {"model": str(args.out), "name": card.name, "steps": card.training["steps"],
+            "wall_time_s": card.training["wall_time_s"], "final_loss": card.training["final_loss"]}
+
+
+def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
+    from .api import run
+    from .tasks import RunOptions
+    from .volume import read_volume
+    volumes = [read_volume(p) for p in args.input or []]
+    output = Path(args.output)
+    if output.exists() and not args.overwrite and any(Path(p).resolve() == output.resolve() for p in args.input or []):
+        raise DiffusionMICError(f"--output '{output}' is one of the inputs; choose another file")
+    options = RunOptions(sampler=args.sampler, steps=args.steps, seed=args.seed, device=args.device,
+                         strength=args.strength, ensemble=args.ensemble, guidance=args.guidance,
+                         count=args.count, condition=args.condition, batch_size=args.batch_size)
+    result = run(args.task, args.model, volumes, options, progress=_progress(args))
+    paths = _output_paths(output, result.outputs, args)
+    written: list[Path] = []
+    try:
+        for key, vol in result.outputs.items():
+            written.append(write_volume(vol, paths[key]))
+    except BaseException:
+        for p in written:
+            p.unlink(missing_ok=True)
+        raise
+    return {"outputs": {k: str(v) for k, v in paths.items()}, **result.info}
+
+
+def _output_paths(output: Path, outputs: dict, args: argparse.Namespace) -> dict[str, Path]:
+    """The main output at --output; extras (uncertainty, mask, ...) beside it unless named."""
+    name = output.name
+    stem, ext = (name[:-7], ".nii.gz") if name.endswith(".nii.gz") else (output.stem, output.suffix)
+    named = {"uncertainty": getattr(args, "uncertainty", None), "mask": getattr(args, "mask", None)}
+    return {k: output if k == "output" else Path(named.get(k) or output.with_name(f"{stem}-{k}{ext}"))
+            for k in outputs}
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from .api import evaluate
+    from .volume import read_volume
+    mask = read_volume(args.mask) if args.mask else None
+    return evaluate(args.task, read_volume(args.pred), read_volume(args.ref), mask)
+
+
+def cmd_models(args: argparse.Namespace) -> Any:
+    from .models import read_card, read_catalog, resolve_model
+    if args.action == "list":
+        return [{k: e.get(k) for k in ("name", "task", "description") if k in e} for e in read_catalog()]
+    if not args.name:
+        raise DiffusionMICError(f"'models {args.action}' needs a model name or folder")
+    if args.action == "info":
+        return read_card(resolve_model(args.name)).to_dict()
+    from .models import load_model
+    card, _ = load_model(args.name)
+    return {"name": card.name, "sha256": card.sha256, "verified": True}
+
+
+def cmd_demo(args: argparse.Namespace) -> Any:
+    from .demo import main as demo_main
+    return demo_main(Path(args.out), progress=_progress(args))
+
+
+def cmd_benchmark(args: argparse.Namespace) -> Any:
+    from .benchmark import main as bench_main
+    return bench_main(size=args.size, steps=args.steps, batch=args.batch, repeats=args.repeats)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diffusion-mic", description="Diffusion models for medical image computing.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser, device: bool = True) -> None:
+        sp.add_argument("--progress", choices=("tqdm", "json", "none"), default="tqdm",
+                        help="progress on stderr as a bar, or one JSON object per line on stdout")
+        if device:
+            sp.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
+
+    sp = sub.add_parser("phantom", help="write a simulated brain MRI data set (nnU-Net v2 layout)")
+    sp.add_argument("out")
+    sp.add_argument("--subjects", type=int, default=4)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--resolution", type=float, choices=(1.0, 2.0), default=2.0, help="mm")
+    sp.add_argument("--noise", type=float, default=3.0, help="Rician noise, percent of the brightest tissue")
+    sp.add_argument("--lesions", type=int, default=3, help="lesions per subject (0: healthy)")
+    common(sp, device=False)
+    sp.set_defaults(func=cmd_phantom)
+
+    sp = sub.add_parser("train", help="train a task's model on a data set")
+    sp.add_argument("task", choices=TASK_NAMES)
+    sp.add_argument("--data", required=True)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--config", help="JSON training settings (network, schedule, train, patch, task)")
+    sp.add_argument("--max-steps", type=int)
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    common(sp)
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("run", help="run a task's model on input volumes")
+    sp.add_argument("task", choices=TASK_NAMES)
+    sp.add_argument("--model", required=True, help="catalog name or model folder")
+    sp.add_argument("--input", action="append", help="input volume (repeat for several modalities)")
+    sp.add_argument("--output", required=True)
+    sp.add_argument("--sampler", choices=("dpm++2m", "ddim", "unipc", "ddpm"))
+    sp.add_argument("--steps", type=int)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--strength", type=float)
+    sp.add_argument("--ensemble", type=int)
+    sp.add_argument("--guidance", type=float)
+    sp.add_argument("--count", type=int, default=1)
+    sp.add_argument("--condition")
+    sp.add_argument("--batch-size", type=int, default=16, help="slices per batch (2D models)")
+    sp.add_argument("--uncertainty", help="segment: where to write the uncertainty map")
+    sp.add_argument("--mask", help="anomaly: where to write the thresholded mask")
+    sp.add_argument("--overwrite", action="store_true")
+    common(sp)
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("evaluate", help="metrics of a prediction against a reference (prints JSON)")
+    sp.add_argument("task", choices=TASK_NAMES)
+    sp.add_argument("--pred", required=True)
+    sp.add_argument("--ref", required=True)
+    sp.add_argument("--mask")
+    sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("models", help="the model catalog")
+    sp.add_argument("action", choices=("list", "info", "verify"))
+    sp.add_argument("name", nargs="?")
+    sp.set_defaults(func=cmd_models)
+
+    sp = sub.add_parser("demo", help="the main job: phantom subject, models, results, metrics")
+    sp.add_argument("--out", default="demo-out")
+    common(sp)
+    sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("benchmark", help="time UNet forward and sampling per sampler (prints a table)")
+    sp.add_argument("--size", type=int, default=96)
+    sp.add_argument("--steps", type=int, default=10)
+    sp.add_argument("--batch", type=int, default=8)
+    sp.add_argument("--repeats", type=int, default=3)
+    sp.set_defaults(func=cmd_benchmark)
+    return p
+
+
+def _terminate(signum, frame):
+    raise Cancelled("cancelled by signal")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        result = args.func(args)
+    except Cancelled:
+        print("diffusion-mic: cancelled", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("diffusion-mic: interrupted", file=sys.stderr)
+        return 130
+    except (DiffusionMICError, FileNotFoundError, PermissionError) as e:
+        print(f"diffusion-mic: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - one clear line, not a traceback, for users
+        print(f"diffusion-mic: error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        return 1
+    if result is not None:
+        print(json.dumps(result, indent=None if args.command == "run" else 2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

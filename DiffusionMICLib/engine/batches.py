@@ -1,0 +1,66 @@
+"""Random training batches: 2D slices or 3D patches cropped from preloaded model-space arrays."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from .trainer import Batch
+
+
+@dataclass
+class TrainingCase:
+    """One case in model space, intensities in [-1, 1]: conditioning, target, class label."""
+
+    target: np.ndarray                 # (C_t, z, y, x)
+    cond: np.ndarray | None = None     # (C_c, z, y, x)
+    label: int | None = None
+    foreground: np.ndarray | None = None   # (z, y, x) bool: where crops are centred
+
+
+def _crop(a: np.ndarray, starts: list[int], size: list[int], fill: float) -> np.ndarray:
+    """Crop (C, *spatial) at starts with size, padding with `fill` where it runs outside."""
+    out = np.full((a.shape[0], *size), fill, np.float32)
+    src, dst = [slice(None)], [slice(None)]
+    for s, n, dim in zip(starts, size, a.shape[1:]):
+        lo, hi = max(s, 0), min(s + n, dim)
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - s, hi - s))
+    out[tuple(dst)] = a[tuple(src)]
+    return out
+
+
+def random_batches(cases: list[TrainingCase], *, spatial_dims: int, patch: list[int], batch_size: int,
+                   seed: int, background: float = -1.0,
+                   augment: Callable[[Batch, torch.Generator], Batch] | None = None) -> Iterator[Batch]:
+    """Endless batches; each crop is centred on a random foreground voxel of a random case.
+
+    2D: patch is (y, x) and crops come from axial slices (array axis 0); 3D: patch is (z, y, x).
+    """
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    centres = [np.argwhere(c.foreground if c.foreground is not None else np.ones(c.target.shape[1:], bool))
+               for c in cases]
+    while True:
+        targets, conds, labels = [], [], []
+        for _ in range(batch_size):
+            i = int(rng.integers(len(cases)))
+            case = cases[i]
+            z, y, x = centres[i][rng.integers(len(centres[i]))]
+            if spatial_dims == 2:
+                starts = [int(y) - patch[0] // 2, int(x) - patch[1] // 2]
+                pick = lambda a: _crop(a[:, z], starts, list(patch), background)  # noqa: E731
+            else:
+                starts = [int(z) - patch[0] // 2, int(y) - patch[1] // 2, int(x) - patch[2] // 2]
+                pick = lambda a: _crop(a, starts, list(patch), background)  # noqa: E731
+            targets.append(pick(case.target))
+            if case.cond is not None:
+                conds.append(pick(case.cond))
+            if case.label is not None:
+                labels.append(case.label)
+        batch = Batch(torch.from_numpy(np.stack(targets)),
+                      torch.from_numpy(np.stack(conds)) if conds else None,
+                      torch.tensor(labels, dtype=torch.long) if labels else None)
+        yield augment(batch, gen) if augment is not None else batch

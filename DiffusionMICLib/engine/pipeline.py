@@ -1,0 +1,166 @@
+"""The flows every task shares: train a model from a data set, and sample a whole volume."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..datasets import read_dataset
+from ..errors import DiffusionMICError
+from ..models import REPO_ROOT, ModelCard, save_model
+from ..progress import Progress
+from .batches import random_batches
+from .inference import bounding_box, count_batches, count_windows, infer_patches, infer_slices
+from .network import build_network, downsampling_factor
+from .sampler import conditioned, sample
+from .trainer import TrainConfig, Trainer
+
+Noise = Callable[[tuple[int, ...], torch.Generator], torch.Tensor]
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """'auto' takes CUDA, then Apple MPS, then the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DiffusionMICError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DiffusionMICError("device 'cuda' requested but CUDA is not available")
+    return device
+
+
+def sample_volume(card: ModelCard, network: torch.nn.Module, cond: np.ndarray | None, *, sampler: str,
+                  steps: int, generator: torch.Generator, device: torch.device, progress: Progress,
+                  start: np.ndarray | None = None, strength: float = 1.0, class_label: int | None = None,
+                  guidance: float = 1.0, noise: Noise | None = None, batch_size: int = 16,
+                  shape: tuple[int, int, int] | None = None, crop: tuple[slice, ...] | None = None) -> np.ndarray:
+    """Sample one (C_out, z, y, x) model-space array for a whole volume.
+
+    cond: conditioning channels; start: the image to partially diffuse from (strength < 1);
+    both (C, z, y, x) in [-1, 1]. The progress counts sampler steps across all batches.
+    """
+    out_channels = card.network["out_channels"]
+    n_cond = 0 if cond is None else cond.shape[0]
+    stacked = [a for a in (cond, start) if a is not None]
+    inputs = np.concatenate(stacked) if stacked else None
+    shape = shape or tuple(inputs.shape[1:])
+    factor = downsampling_factor(card.network)
+    null_class = len(card.classes) if card.classes else None
+
+    def predict(x: torch.Tensor | None, out_shape: tuple[int, ...]) -> torch.Tensor:
+        c = s = None
+        if x is not None:
+            x = x.to(device)
+            c = x[:, :n_cond] if n_cond else None
+            s = x[:, n_cond:] if start is not None else None
+        labels = None if class_label is None else torch.full((out_shape[0],), class_label, dtype=torch.long, device=device)
+        model = conditioned(network, c, labels, null_class, guidance)
+        return sample(model, out_shape, card.noise_schedule, sampler=sampler, steps=steps, generator=generator,
+                      start=s, strength=strength if s is not None else 1.0,
+                      noise=noise(out_shape, generator) if noise is not None else None,
+                      device=device, on_step=lambda i, n: progress.advance(), cancel=progress.cancel)
+
+    region = tuple(s.stop - s.start for s in crop) if crop else shape
+    steps_per_sample = steps if start is None else max(1, min(steps, round(steps * strength)))
+    if card.spatial_dims == 2:
+        n = count_batches(region[0], batch_size)
+        progress.steps += n * steps_per_sample
+        return infer_slices(predict, inputs, out_channels, shape, factor=factor, batch_size=batch_size, crop=crop)
+    patch = tuple(card.patch) if card.patch else None
+    n = count_windows(region, patch, 0.25) if patch and inputs is not None else 1
+    progress.steps += n * steps_per_sample
+    return infer_patches(predict, inputs, out_channels, shape, factor=factor, patch=patch, crop=crop)
+
+
+def foreground_crop(arrays: np.ndarray, margin: int = 4) -> tuple[slice, ...]:
+    """The bounding box of voxels above background in any channel (arrays in [-1, 1])."""
+    return bounding_box((arrays > -0.95).any(axis=0), margin)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def load_settings(config: str | Path | None) -> dict[str, Any]:
+    if config is None:
+        return {}
+    path = Path(config)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DiffusionMICError(f"cannot read training config '{path}': {e}") from None
+
+
+def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[str, Any] | None = None,
+          max_steps: int | None = None, device: str = "auto", progress: Progress | None = None,
+          resume: bool = True, base: tuple[ModelCard, torch.nn.Module] | None = None) -> ModelCard:
+    """Train (or, with `base`, fine-tune) a task's model on a data set and save the model folder."""
+    from ..tasks import get_task   # tasks import the engine, not the other way round
+
+    task = get_task(task_name)
+    settings = dict(settings or {})
+    progress = progress or Progress()
+    dev = select_device(device)
+    dataset = read_dataset(data)
+    cases = [c for c in dataset.cases if c.id not in set(settings.get("exclude", []))]
+    if "cases" in settings:
+        cases = [c for c in cases if c.id in set(settings["cases"])]
+    if not cases:
+        raise DiffusionMICError(f"no training cases left in '{data}'")
+    if base is not None:
+        card, network = base
+        card = ModelCard.from_dict({**card.to_dict(), "metrics": {}, "sha256": ""})
+    else:
+        card = task.make_card(dataset, settings)
+        network = build_network(card.network)
+    tc = {**card.training.get("config", {}), **settings.get("train", {})}
+    config = TrainConfig(**{k: v for k, v in tc.items() if k in TrainConfig.__dataclass_fields__})
+    if max_steps is not None:
+        config.max_steps = max_steps
+    torch.manual_seed(config.seed)
+    progress.start("load data", len(cases))
+    training_cases = task.training_cases(card, dataset, cases)
+    progress.advance(len(cases))
+    out = Path(out)
+    trainer = Trainer(network, card.noise_schedule, config, dev,
+                      num_classes=len(card.classes) or None, checkpoint_dir=out / "checkpoint")
+    resumed = resume and trainer.resume()
+    batches = random_batches(training_cases, spatial_dims=card.spatial_dims, patch=card.patch,
+                             batch_size=config.batch_size, seed=config.seed * 7919 + trainer.rank + trainer.step,
+                             augment=task.augment(card))
+    progress.start("train", config.max_steps)
+    progress.step = trainer.step
+    t0 = time.perf_counter()
+    trainer.fit(batches, on_step=lambda i, n, loss: progress.advance(loss=f"{loss:.4f}"), cancel=progress.cancel)
+    progress.close()
+    wall = time.perf_counter() - t0 + card.training.get("wall_time_s", 0.0) * resumed
+    card.training = {
+        "data": str(Path(data)), "cases": [c.id for c in cases], "config": config.to_dict(),
+        "steps": trainer.step, "wall_time_s": round(wall, 1), "device": str(dev),
+        "world_size": trainer.world, "commit": git_commit(),
+        "command": settings.get("command", ""),
+        "final_loss": float(np.mean(trainer.losses[-20:])) if trainer.losses else None,
+        **({"base_model": base[0].name} if base is not None else {}),
+    }
+    if "name" in settings:
+        card.name = settings["name"]
+    if trainer.rank == 0:
+        trainer.save_checkpoint()
+        save_model(out, card, trainer.ema.model, half=bool(settings.get("half", False)))
+    trainer.close()
+    return card

@@ -1,0 +1,181 @@
+"""One trainer for every task: AdamW, EMA, gradient clipping, mixed precision, checkpoints, DDP.
+
+Multi-GPU/multi-process training: launch with `torchrun --nproc_per_node N diffusion-mic train ...`;
+the trainer sees WORLD_SIZE and wraps the network in DistributedDataParallel (gloo on the CPU,
+nccl on CUDA). Each rank draws its own batches; rank 0 writes checkpoints and the model.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from ..errors import Cancelled
+from .schedule import NoiseSchedule
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings; recorded in the model card."""
+
+    max_steps: int = 2000
+    batch_size: int = 16
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    ema_decay: float = 0.995
+    ema_start: int = 50
+    grad_clip: float = 1.0
+    class_dropout: float = 0.15     # probability of the null class (classifier-free guidance)
+    seed: int = 0
+    amp: bool = True                # bf16 autocast on CPU/CUDA where supported
+    checkpoint_every: int = 200
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Batch:
+    target: torch.Tensor                 # x_0, (B, C, *spatial)
+    cond: torch.Tensor | None = None     # concatenated conditioning, (B, Cc, *spatial)
+    labels: torch.Tensor | None = None   # class labels (B,), long
+
+
+def distributed_env() -> tuple[int, int]:
+    """(rank, world_size) from torchrun's environment; (0, 1) when not distributed."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class EMA:
+    """Exponential moving average of the weights (the weights that are shipped)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, decay: float | None = None) -> None:
+        d = self.decay if decay is None else decay
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1 - d)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+class Trainer:
+    """Trains a diffusion network to predict epsilon or v for the batches it is given."""
+
+    def __init__(self, network: torch.nn.Module, schedule: NoiseSchedule, config: TrainConfig,
+                 device: torch.device, num_classes: int | None = None,
+                 checkpoint_dir: Path | None = None):
+        self.rank, self.world = distributed_env()
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        self.device = device
+        self.config = config
+        self.schedule = schedule
+        self.noise_scheduler = schedule.training_scheduler()
+        self.alphas = self.noise_scheduler.alphas_cumprod.to(device)
+        self.timesteps = schedule.training_timesteps()
+        self.network = network.to(device)
+        self.ema = EMA(self.network, config.ema_decay)
+        self.null_class = num_classes
+        self.model = DistributedDataParallel(self.network) if self.world > 1 else self.network
+        self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=config.lr,
+                                           weight_decay=config.weight_decay)
+        self.step = 0
+        self.losses: list[float] = []
+        self.checkpoint_dir = checkpoint_dir
+        self.generator = torch.Generator().manual_seed(config.seed * 1000 + self.rank)
+        self.amp_dtype = torch.bfloat16 if config.amp and self._bf16_ok() else None
+
+    def _bf16_ok(self) -> bool:
+        if self.device.type == "cuda":
+            return torch.cuda.is_bf16_supported()
+        return self.device.type == "cpu"
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """The denoising loss of one batch (MSE on epsilon or v)."""
+        x0 = batch.target.to(self.device)
+        b = x0.shape[0]
+        noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
+        t = self.timesteps[torch.randint(0, len(self.timesteps), (b,), generator=self.generator)].to(self.device)
+        a = self.alphas[t].view(b, *[1] * (x0.ndim - 1))
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        target = noise if self.schedule.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        inp = xt if batch.cond is None else torch.cat([xt, batch.cond.to(self.device)], dim=1)
+        kwargs = {}
+        if batch.labels is not None:
+            labels = batch.labels.to(self.device).clone()
+            drop = torch.rand(b, generator=self.generator).to(self.device) < self.config.class_dropout
+            labels[drop] = self.null_class
+            kwargs["class_labels"] = labels
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            pred = self.model(inp, t, **kwargs)
+        return torch.nn.functional.mse_loss(pred.float(), target)
+
+    def fit(self, batches: Iterator[Batch], on_step: Callable[[int, int, float], None] | None = None,
+            cancel: Callable[[], bool] | None = None) -> list[float]:
+        """Train until config.max_steps; returns the per-step losses of this call."""
+        torch.manual_seed(self.config.seed)
+        self.network.train()
+        losses = []
+        while self.step < self.config.max_steps:
+            if cancel is not None and cancel():
+                raise Cancelled("cancelled")
+            loss = self.loss(next(batches))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.config.grad_clip)
+            self.optimizer.step()
+            self.step += 1
+            # warm-up: copy weights early so the EMA does not average in the random initialisation
+            self.ema.update(self.network, 0.0 if self.step <= self.config.ema_start else None)
+            losses.append(loss.item())
+            if on_step is not None:
+                on_step(self.step, self.config.max_steps, losses[-1])
+            if self.checkpoint_dir and self.step % self.config.checkpoint_every == 0:
+                self.save_checkpoint()
+        self.losses += losses
+        return losses
+
+    def checkpoint_path(self) -> Path:
+        assert self.checkpoint_dir is not None
+        return self.checkpoint_dir / "checkpoint.pt"
+
+    def save_checkpoint(self) -> None:
+        """Rank 0 writes network, EMA, optimiser, step and RNG state (atomically)."""
+        if self.rank != 0 or self.checkpoint_dir is None:
+            return
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        state = {"network": self.network.state_dict(), "ema": self.ema.model.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "step": self.step,
+                 "generator": self.generator.get_state(), "losses": torch.tensor(self.losses)}
+        tmp = self.checkpoint_path().with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint_path())
+
+    def resume(self) -> bool:
+        """Load the checkpoint if there is one (weights_only: no pickled code is run)."""
+        if self.checkpoint_dir is None or not self.checkpoint_path().exists():
+            return False
+        state = torch.load(self.checkpoint_path(), map_location=self.device, weights_only=True)
+        self.network.load_state_dict(state["network"])
+        self.ema.model.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.generator.set_state(state["generator"])
+        self.losses = state["losses"].tolist()
+        return True
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+

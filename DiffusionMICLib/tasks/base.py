@@ -1,0 +1,72 @@
+"""What every task provides to the shared engine, and the options a run takes."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from ..datasets import Dataset
+from ..engine.batches import TrainingCase
+from ..engine.trainer import Batch
+from ..models import ModelCard
+from ..progress import Progress
+from ..volume import Volume
+
+
+@dataclass
+class RunOptions:
+    """Sampling options; None takes the model card's default."""
+
+    sampler: str | None = None
+    steps: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    strength: float | None = None
+    ensemble: int | None = None
+    guidance: float | None = None
+    count: int = 1
+    condition: str | None = None
+    batch_size: int = 16
+
+    def with_card_defaults(self, card: ModelCard) -> "RunOptions":
+        d = card.defaults
+        return replace(
+            self,
+            sampler=self.sampler or card.sampler.get("name", "dpm++2m"),
+            steps=self.steps or card.sampler.get("steps", 10),
+            strength=self.strength if self.strength is not None else d.get("strength", 1.0),
+            ensemble=self.ensemble or d.get("ensemble", 1),
+            guidance=self.guidance if self.guidance is not None else d.get("guidance", 1.0),
+        )
+
+
+@dataclass
+class RunResult:
+    outputs: dict[str, Volume]                      # "output" is the main one
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Task:
+    """A task says what it trains on and how it turns a model's samples into outputs."""
+
+    name: str = ""
+    def make_card(self, dataset: Dataset, settings: dict[str, Any]) -> ModelCard:
+        raise NotImplementedError
+
+    def training_cases(self, card: ModelCard, dataset: Dataset, cases: list) -> list[TrainingCase]:
+        raise NotImplementedError
+
+    def augment(self, card: ModelCard):
+        """Optional per-batch augmentation: (Batch, torch.Generator) -> Batch."""
+        return None
+
+    def run(self, card: ModelCard, network: torch.nn.Module, volumes: list[Volume], options: RunOptions,
+            progress: Progress, device: torch.device) -> RunResult:
+        raise NotImplementedError
+
+    def evaluate(self, pred: Volume, ref: Volume, mask: Volume | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+__all__ = ["Batch", "RunOptions", "RunResult", "Task", "TrainingCase"]

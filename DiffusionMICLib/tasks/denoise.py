@@ -1,0 +1,111 @@
+"""Denoising: a conditional model (noisy image in, clean image out), or partial diffusion.
+
+Training pairs come from the data set's noisy images (imagesTr) and clean targets (cleanTr).
+With `noise_range` in the settings (percent of the brightest tissue), fresh Rician noise is
+drawn from the clean target for every batch instead, so one model covers many noise levels.
+The output is in the input's units (the normalisation is inverted).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..datasets import Case, Dataset
+from ..engine.batches import TrainingCase
+from ..engine.network import network_config
+from ..engine.pipeline import foreground_crop, sample_volume
+from ..engine.space import ModelSpace, foreground, from_unit, robust_scale, to_unit
+from ..engine.trainer import Batch
+from ..errors import DiffusionMICError
+from ..metrics import image_metrics
+from ..models import ModelCard
+from ..progress import Progress
+from ..volume import Volume
+from .base import RunOptions, RunResult, Task
+
+# The median of the foreground maps to 0.5: a scale that noise hardly moves (unlike a high percentile).
+NORMALISATION = {"method": "percentile", "percentile": 50, "value": 0.5}
+
+
+def rician(clean01: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Rician noise on magnitudes in [0, 1] units; sigma broadcasts over the batch."""
+    n1 = torch.randn(clean01.shape, generator=generator) * sigma
+    n2 = torch.randn(clean01.shape, generator=generator) * sigma
+    return torch.sqrt((clean01 + n1) ** 2 + n2**2)
+
+
+class Denoise(Task):
+    name = "denoise"
+
+    def make_card(self, dataset: Dataset, settings: dict[str, Any]) -> ModelCard:
+        spec = settings.get("task", {})
+        return ModelCard(
+            name=settings.get("name", "denoise"), task=self.name,
+            inputs=["noisy"], outputs=["clean"],
+            description=settings.get("description", "Conditional diffusion denoiser for brain MRI (any contrast)."),
+            network=network_config(2, 1, **settings.get("network", {})),
+            schedule={"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "v_prediction",
+                      **settings.get("schedule", {})},
+            normalisation=NORMALISATION, patch=settings.get("patch", [64, 64]),
+            sampler={"name": "dpm++2m", "steps": 10, **settings.get("sampler", {})},
+            defaults={"strength": 1.0, "ensemble": 1, **settings.get("defaults", {})},
+            training={"config": settings.get("train", {}), "channels": spec.get("channels", dataset.channels),
+                      "noise_range": spec.get("noise_range")},
+        )
+
+    def training_cases(self, card: ModelCard, dataset: Dataset, cases: list[Case]) -> list[TrainingCase]:
+        channels = card.training.get("channels") or dataset.channels
+        synth = card.training.get("noise_range") is not None
+        out = []
+        for case in cases:
+            if "cleanTr" not in case.variants:
+                raise DiffusionMICError(f"denoise training needs clean targets: case {case.id} has no cleanTr images")
+            for ch in channels:
+                clean = case.read(ch, "cleanTr")
+                noisy = clean if synth else case.read(ch)
+                space = ModelSpace.enter([noisy, clean], card.orientation, card.spacing)
+                scale = robust_scale(space.arrays[0], card.normalisation)
+                arrays = to_unit(space.arrays, scale)
+                out.append(TrainingCase(target=arrays[1:], cond=None if synth else arrays[:1],
+                                        foreground=foreground(space.arrays[1])))
+        return out
+
+    def augment(self, card: ModelCard):
+        if card.training.get("noise_range") is None:
+            return None
+        lo, hi = card.training["noise_range"]
+
+        def add_noise(batch: Batch, generator: torch.Generator) -> Batch:
+            clean01 = (batch.target + 1) / 2
+            # percent of the brightest tissue, which sits near 1.0 in these units (median -> 0.5)
+            pct = lo + (hi - lo) * torch.rand((clean01.shape[0],) + (1,) * (clean01.ndim - 1), generator=generator)
+            noisy = rician(clean01, pct / 100.0, generator)
+            return Batch(batch.target, noisy * 2 - 1, batch.labels)
+        return add_noise
+
+    def run(self, card: ModelCard, network: torch.nn.Module, volumes: list[Volume], options: RunOptions,
+            progress: Progress, device: torch.device) -> RunResult:
+        if len(volumes) != 1:
+            raise DiffusionMICError(f"denoise takes one input volume, got {len(volumes)}")
+        space = ModelSpace.enter(volumes, card.orientation, card.spacing)
+        scale = robust_scale(space.arrays[0], card.normalisation)
+        noisy = to_unit(space.arrays, scale)
+        crop = foreground_crop(noisy)
+        progress.start("denoise", 0)
+        draws = []
+        for k in range(options.ensemble):
+            generator = torch.Generator().manual_seed(options.seed + k)
+            draws.append(sample_volume(card, network, noisy, start=noisy if options.strength < 1 else None,
+                                       strength=options.strength, sampler=options.sampler, steps=options.steps,
+                                       generator=generator, device=device, progress=progress,
+                                       batch_size=options.batch_size, crop=crop)[0])
+        progress.close()
+        result = np.mean(draws, axis=0)
+        denoised = from_unit(np.clip(result, -1.0, None), scale)
+        out = space.leave(denoised)
+        return RunResult({"output": out.with_array(out.array.astype(np.float32))})
+
+    def evaluate(self, pred: Volume, ref: Volume, mask: Volume | None) -> dict[str, Any]:
+        return image_metrics(pred, ref, mask)
