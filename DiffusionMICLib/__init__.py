@@ -5,7 +5,8 @@
     result = dmic.denoise(vol, "brain-mri-denoise", steps=10)
     dmic.write_volume(result.outputs["output"], "t1-denoised.nrrd")
 """
-from .api import denoise, evaluate, run
+from .api import (anomaly, denoise, detect_anomalies, evaluate, evaluate_many, generate, run, segment,
+                  translate)
 from .errors import Cancelled, DiffusionMICError
 from .models import ModelCard, load_model
 from .progress import Progress
@@ -13,4 +14,4 @@ from .tasks import RunOptions, RunResult
 from .volume import Geometry, Volume, VolumeError, read_volume, write_volume
 
 __all__ = ["Cancelled", "DiffusionMICError", "Geometry", "ModelCard", "Progress", "RunOptions", "RunResult",
-           "Volume", "VolumeError", "denoise", "evaluate", "load_model", "read_volume", "run", "write_volume"]
+           "Volume", "VolumeError", "anomaly", "denoise", "detect_anomalies", "evaluate", "evaluate_many", "generate", "load_model", "read_volume", "run", "segment", "translate", "write_volume"]

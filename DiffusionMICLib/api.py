@@ -47,10 +47,37 @@ def _task_fn(task: str) -> Callable[..., Any]:
 
 
 denoise = _task_fn("denoise")
+translate = _task_fn("translate")
+segment = _task_fn("segment")
+anomaly = _task_fn("anomaly")
+detect_anomalies = anomaly
+
+
+def generate(model: str | Path, *, count: int = 1, condition: str | None = None, progress=None, cancel=None,
+             **options: Any) -> RunResult:
+    """Sample `count` new volumes (no input; the grid comes from the model card):
+    `generate(model, count=2, condition="lesion", guidance=3.0, seed=0)`; outputs are
+    "output", "2", ... (see DiffusionMICLib.tasks.generate)."""
+    return run("generate", model, [], replace(RunOptions(), count=count, condition=condition, **options),
+               progress=progress, cancel=cancel)
 
 
 def evaluate(task: str, pred: Volume, ref: Volume, mask: Volume | None = None) -> dict[str, Any]:
     """The task's metrics of a prediction against a reference (inside an optional mask)."""
     return get_task(task).evaluate(pred, ref, mask)
+
+
+def evaluate_many(task: str, preds: list[Volume], refs: list[Volume],
+                  masks: list[Volume] | None = None) -> dict[str, Any]:
+    """Metrics over several predictions and references (e.g. anomaly maps of several subjects,
+    or generated samples against real subjects); one mask serves every prediction."""
+    spec = get_task(task)
+    if not hasattr(spec, "evaluate_many"):
+        if len(preds) == 1 and len(refs) == 1:
+            return spec.evaluate(preds[0], refs[0], masks[0] if masks else None)
+        raise DiffusionMICError(f"{task} evaluates one --pred against one --ref")
+    if masks is not None and len(masks) == 1 and len(preds) > 1:
+        masks = masks * len(preds)
+    return spec.evaluate_many(list(preds), list(refs), masks)
 
 

@@ -49,7 +49,7 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     from .volume import read_volume
     volumes = [read_volume(p) for p in args.input or []]
     output = Path(args.output)
-    if output.exists() and not args.overwrite and any(Path(p).resolve() == output.resolve() for p in args.input or []):
+    if any(Path(p).resolve() == output.resolve() for p in args.input or []):
         raise DiffusionMICError(f"--output '{output}' is one of the inputs; choose another file")
     options = RunOptions(sampler=args.sampler, steps=args.steps, seed=args.seed, device=args.device,
                          strength=args.strength, ensemble=args.ensemble, guidance=args.guidance,
@@ -77,10 +77,14 @@ def _output_paths(output: Path, outputs: dict, args: argparse.Namespace) -> dict
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    from .api import evaluate
+    from .api import evaluate, evaluate_many
     from .volume import read_volume
     mask = read_volume(args.mask) if args.mask else None
-    return evaluate(args.task, read_volume(args.pred), read_volume(args.ref), mask)
+    if len(args.pred) == 1 and len(args.ref) == 1:
+        return evaluate(args.task, read_volume(args.pred[0]), read_volume(args.ref[0]), mask)
+    # several: anomaly maps of several subjects, or generated samples against real subjects
+    return evaluate_many(args.task, [read_volume(p) for p in args.pred], [read_volume(r) for r in args.ref],
+                         [mask] if mask is not None else None)
 
 
 def cmd_models(args: argparse.Namespace) -> Any:
@@ -153,14 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=16, help="slices per batch (2D models)")
     sp.add_argument("--uncertainty", help="segment: where to write the uncertainty map")
     sp.add_argument("--mask", help="anomaly: where to write the thresholded mask")
-    sp.add_argument("--overwrite", action="store_true")
     common(sp)
     sp.set_defaults(func=cmd_run)
 
     sp = sub.add_parser("evaluate", help="metrics of a prediction against a reference (prints JSON)")
     sp.add_argument("task", choices=TASK_NAMES)
-    sp.add_argument("--pred", required=True)
-    sp.add_argument("--ref", required=True)
+    sp.add_argument("--pred", required=True, nargs="+", help="prediction(s); several for anomaly and generate")
+    sp.add_argument("--ref", required=True, nargs="+", help="reference(s): one per --pred, or real subjects")
     sp.add_argument("--mask")
     sp.set_defaults(func=cmd_evaluate)
 

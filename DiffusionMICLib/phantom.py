@@ -8,13 +8,13 @@ around the ventricles (atrophy-like) and a smooth random displacement field (low
 cosine basis, about 2-3 mm RMS). The 1 mm maps are sampled once, directly onto the output grid,
 after a Gaussian pre-filter that turns them into partial-volume fractions of the output voxel.
 
-Output grid: a fixed box around the MNI brain (+6 mm, each side a multiple of 16 mm:
-160 x 208 x 176 mm, x from right to left... see `grid`), at `resolution` mm isotropic:
-80 x 104 x 88 voxels at 2 mm, 160 x 208 x 176 at 1 mm. All subjects share it; the
-direction is LPS diag(-1, -1, 1) as SimpleITK reads an RAS-identity NIfTI.
+Output grid (`grid`): one fixed box around the MNI brain (+12 mm each side, rounded up to a
+multiple of 16 mm: 176 x 208 x 192 mm) at `resolution` mm isotropic: 88 x 104 x 96 voxels at
+2 mm, 176 x 208 x 192 at 1 mm; a 2 mm voxel covers exactly 2 x 2 x 2 template voxels. All
+subjects share it. Direction LPS diag(-1, -1, 1), as SimpleITK reads an RAS-identity NIfTI.
 
 Contrast: tissue parameters at 1.5 T (`TISSUES`, jittered per subject: T1/T2 about 4 %, PD
-about 3 %, CSF 1.5 %), intra-tissue texture (smooth random fields modulating T1 and PD of GM,
+about 3 %, CSF 1 %), intra-tissue texture (smooth random fields modulating T1 and PD of GM,
 WM and lesions by about 3 %), partial-volume mixing of the tissue *signals*, then four
 sequences (`PROTOCOLS`): spin echo S = PD (1 - exp(-TR/T1)) exp(-TE/T2) for T1w, T2w and PD,
 and inversion recovery S = PD |1 - 2 exp(-TI/T1) + exp(-TR/T1)| exp(-TE/T2) for FLAIR with TI
@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import numbers
 import os
 import re
 import secrets
@@ -74,7 +75,7 @@ PROTOCOLS = {  # ms; FLAIR TI nulls CSF for the finite TR: 1 - 2 exp(-TI/T1) + e
 }
 SCALE = 1000.0
 
-_MARGIN_MM, _FOV_STEP_MM = 6.0, 16.0
+_MARGIN_MM, _FOV_STEP_MM = 12.0, 16.0
 _TEXTURE_MM = 2.0                       # texture noise lives on the 2 mm grid, any resolution
 _CASE = re.compile(r"^phantom_\d+(_\d{4})?\.nii\.gz$")
 
@@ -109,6 +110,9 @@ def _mni() -> _Template:
     mask = ndimage.gaussian_filter(mask, 0.5)
     csf = np.clip(mask - gm - wm, 0.0, 1.0)
     fractions = np.stack([csf, gm, wm])
+    # the GM/WM maps have a faint halo (up to 0.12) in the skull: keep 2 mm around the brain
+    brain = ndimage.binary_dilation(fractions.sum(0) >= 0.5, iterations=2)
+    fractions *= np.clip(ndimage.gaussian_filter(brain.astype(np.float32), 1.0) * 2.0, 0.0, 1.0)
     affine = np.asarray(gm_img.affine, dtype=np.float64)
     inside = np.argwhere(fractions.sum(0) > 0.01)
     first = affine[:3, :3] @ inside.min(0) + affine[:3, 3]
@@ -133,7 +137,8 @@ def _axes_mm(resolution: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     t = _mni()
     sizes = np.maximum(1, np.round(t.fov / resolution)).astype(int)
     # a resolution-r voxel covers r template voxels exactly: first centre at lo + (r - 1) / 2
-    return tuple(t.lo[a] + (resolution - 1.0) / 2 + resolution * np.arange(sizes[a]) for a in range(3))
+    return tuple(t.lo[a] + (resolution - 1.0) / 2 + resolution * np.arange(sizes[a])
+                 for a in range(3))
 
 
 def grid(resolution: float = 2.0) -> Geometry:
@@ -148,7 +153,7 @@ def _cosine_field(coef: np.ndarray, axes, fov, lo) -> np.ndarray:
     """sum_abc coef[a,b,c] cos(pi a u_x) cos(pi b u_y) cos(pi c u_z), u in [0, 1] over the box.
 
     Returned as (z, y, x)."""
-    basis = [np.cos(np.pi * np.arange(coef.shape[d])[None, :] * ((axes[d] - lo[d]) / fov[d])[:, None])
+    basis = [np.cos(np.pi * ((axes[d] - lo[d]) / fov[d])[:, None] * np.arange(coef.shape[d]))
              for d in range(3)]
     return np.einsum("abc,xa,yb,zc->zyx", coef, *basis, optimize=True)
 
@@ -175,12 +180,14 @@ def _warped_fractions(rng: np.random.Generator, resolution: float) -> np.ndarray
     """(3, z, y, x) CSF, GM, WM fractions of a new subject on the output grid."""
     t = _mni()
     axes = _axes_mm(resolution)
-    scale = (1.0 + np.clip(rng.normal(0.0, 0.035), -0.07, 0.07)) * (1.0 + np.clip(rng.normal(0.0, 0.015, 3), -0.03, 0.03))
+    scale = (1.0 + np.clip(rng.normal(0.0, 0.03), -0.06, 0.06)) \
+        * (1.0 + np.clip(rng.normal(0.0, 0.015, 3), -0.03, 0.03))          # overall x per axis
     linear = _rotation(rng, 3.0) @ np.diag(scale)
-    shift = np.clip(rng.normal(0.0, 1.5, 3), -4.0, 4.0)
-    enlarge = rng.uniform(-0.05, 0.2)                 # > 0: larger ventricles and deep structures
+    shift = np.clip(rng.normal(0.0, 1.0, 3), -2.5, 2.5)
+    enlarge = rng.uniform(-0.1, 0.3)                  # > 0: larger ventricles and deep structures
     amplitude = rng.uniform(1.2, 2.0)                 # displacement RMS per component, mm
-    displacement = [_cosine_field(_random_coef(rng, 5, amplitude), axes, t.fov, t.lo) for _ in range(3)]
+    displacement = [_cosine_field(_random_coef(rng, 5, amplitude), axes, t.fov, t.lo)
+                    for _ in range(3)]
 
     p = np.meshgrid(axes[2], axes[1], axes[0], indexing="ij")[::-1]      # x, y, z each (z, y, x)
     d = [p[a] - t.centre[a] for a in range(3)]
@@ -189,11 +196,12 @@ def _warped_fractions(rng: np.random.Generator, resolution: float) -> np.ndarray
     del p, shrink
     q = [t.centre[a] + shift[a] + sum(linear[a, b] * d[b] for b in range(3)) + displacement[a]
          for a in range(3)]
-    index = [t.ras_to_index[a, 3] + sum(t.ras_to_index[a, b] * q[b] for b in range(3)) for a in range(3)]
+    index = [t.ras_to_index[a, 3] + sum(t.ras_to_index[a, b] * q[b] for b in range(3))
+             for a in range(3)]
     del q, d, displacement
     coords = np.stack(index)
     tpl = _prefiltered(resolution)
-    out = np.stack([ndimage.map_coordinates(f, coords, order=1, mode="constant", cval=0.0) for f in tpl])
+    out = np.stack([ndimage.map_coordinates(f, coords, order=1, mode="constant") for f in tpl])
     return np.clip(out, 0.0, 1.0)
 
 
@@ -205,7 +213,7 @@ def _tissue_labels(fractions: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- texture, lesions
 def _textures(rng: np.random.Generator, n: int, resolution: float) -> np.ndarray:
-    """n smooth unit-variance random fields (z, y, x), drawn on the 2 mm grid whatever the resolution."""
+    """n smooth unit-variance random fields (z, y, x), drawn on the 2 mm grid at any resolution."""
     t = _mni()
     shape = tuple(int(s) for s in np.maximum(1, np.round(t.fov / _TEXTURE_MM)).astype(int)[::-1])
     fields = rng.standard_normal((n,) + shape, dtype=np.float32)
@@ -215,8 +223,13 @@ def _textures(rng: np.random.Generator, n: int, resolution: float) -> np.ndarray
         return fields
     x, y, z = _axes_mm(resolution)
     tex = [(a - t.lo[i] - (_TEXTURE_MM - 1.0) / 2) / _TEXTURE_MM for i, a in enumerate((x, y, z))]
-    coords = np.stack(np.meshgrid(tex[2], tex[1], tex[0], indexing="ij"))
-    return np.stack([ndimage.map_coordinates(f, coords, order=1, mode="nearest") for f in fields])
+    for axis, pos in zip((3, 2, 1), tex):            # separable linear interpolation, edges clamped
+        pos = np.clip(pos, 0, fields.shape[axis] - 1)
+        i0 = np.minimum(pos.astype(int), fields.shape[axis] - 2)
+        w = np.expand_dims((pos - i0).astype(np.float32), [a for a in range(4) if a != axis])
+        lower = np.take(fields, i0, axis=axis)
+        fields = lower + (np.take(fields, i0 + 1, axis=axis) - lower) * w
+    return fields
 
 
 def _unit(rng: np.random.Generator) -> np.ndarray:
@@ -226,23 +239,26 @@ def _unit(rng: np.random.Generator) -> np.ndarray:
 
 def _lesions(rng: np.random.Generator, count: int, fractions: np.ndarray, resolution: float):
     """Lesion map L in [0, 1] (z, y, x), index of the dominant lesion per voxel, and its parameters."""
-    csf, gm, wm = fractions
-    shape = csf.shape
+    shape = fractions.shape[1:]
     lesion = np.zeros(shape, np.float32)
     owner = np.zeros(shape, np.int16)
     params = np.zeros((count + 1, 3))
     if count == 0:
         return lesion, owner, params
-    edt = functools.partial(ndimage.distance_transform_edt, sampling=resolution)
-    white = wm >= 0.5
-    brain_depth = edt(fractions.sum(0) >= 0.5)
-    ventricles = (csf >= 0.5) & (brain_depth >= 20.0)
-    near_ventricle = edt(~ventricles) <= 6.0 if ventricles.any() else np.zeros(shape, bool)
-    near_gm = edt(gm < 0.5) <= 3.0
+    # where lesions may go, worked out on a grid of about 2 mm whatever the resolution
+    step = max(1, round(2.0 / resolution))
+    coarse = fractions[:, ::step, ::step, ::step]
+    edt = functools.partial(ndimage.distance_transform_edt, sampling=resolution * step)
+    white = coarse[2] >= 0.5
+    brain_depth = edt(coarse.sum(0) >= 0.5)
+    ventricles = (coarse[0] >= 0.5) & (brain_depth >= 20.0)
+    near_ventricle = edt(~ventricles) <= 6.0 if ventricles.any() else np.zeros(white.shape, bool)
+    near_gm = edt(coarse[1] < 0.5) <= 3.0
     wm_depth = edt(white)
     pools = {"deep": white & ~near_gm & ~near_ventricle, "peri": white & near_ventricle,
              "juxta": white & near_gm & ~near_ventricle}
     axes = _axes_mm(resolution)                     # x, y, z centres
+    coarse_axes = [a[::step] for a in axes]
     for k in range(1, count + 1):
         radius = math.exp(rng.uniform(math.log(2.0), math.log(12.0)))
         u = rng.random()
@@ -251,8 +267,9 @@ def _lesions(rng: np.random.Generator, count: int, fractions: np.ndarray, resolu
         if place == "deep":
             pool = pool & (wm_depth >= min(0.6 * radius, 6.0))
         candidates = np.flatnonzero(pool) if pool.any() else np.flatnonzero(white)
-        zi, yi, xi = np.unravel_index(candidates[rng.integers(len(candidates))], shape)
-        centre = np.array([axes[0][xi], axes[1][yi], axes[2][zi]]) + rng.uniform(-0.5, 0.5, 3) * resolution
+        zi, yi, xi = np.unravel_index(candidates[rng.integers(len(candidates))], white.shape)
+        centre = (np.array([coarse_axes[0][xi], coarse_axes[1][yi], coarse_axes[2][zi]])
+                  + rng.uniform(-0.5, 0.5, 3) * resolution * step)
         lobes = [(centre, radius)]
         for _ in range(rng.binomial(2, 0.35) if radius > 4.0 else 0):
             lobes.append((centre + 0.7 * radius * _unit(rng), radius * rng.uniform(0.4, 0.7)))
@@ -285,7 +302,8 @@ def _lesions(rng: np.random.Generator, count: int, fractions: np.ndarray, resolu
 def _signal(channel: str, t1, t2, pd):
     p = PROTOCOLS[channel]
     if channel == "FLAIR":
-        return pd * np.abs(1.0 - 2.0 * np.exp(-p["TI"] / t1) + np.exp(-p["TR"] / t1)) * np.exp(-p["TE"] / t2)
+        inversion = np.abs(1.0 - 2.0 * np.exp(-p["TI"] / t1) + np.exp(-p["TR"] / t1))
+        return pd * inversion * np.exp(-p["TE"] / t2)
     return pd * (1.0 - np.exp(-p["TR"] / t1)) * np.exp(-p["TE"] / t2)
 
 
@@ -293,30 +311,43 @@ def _jitter(rng: np.random.Generator, sd: float):
     return 1.0 + float(np.clip(rng.normal(0.0, sd), -2 * sd, 2 * sd))
 
 
-def make_subject(seed: int, *, resolution: float = 2.0, noise: float = 3.0, lesions: int = 3) -> Subject:
+def _check(*, seed, resolution, noise, lesions, subjects=1) -> None:
+    """One-line errors for arguments a user may get wrong on the command line."""
+    def whole(v, least):
+        return not isinstance(v, bool) and isinstance(v, (int, np.integer)) and v >= least
+
+    if not whole(seed, 0):
+        raise DiffusionMICError(f"phantom seed must be a whole number >= 0, got {seed!r}")
+    if not whole(subjects, 1):
+        raise DiffusionMICError(f"phantom subjects must be a whole number >= 1, got {subjects!r}")
+    if not (isinstance(resolution, numbers.Real) and 0.5 <= resolution <= 8):
+        raise DiffusionMICError(f"phantom resolution must be between 0.5 and 8 mm, got {resolution!r}")
+    if not (isinstance(noise, numbers.Real) and 0 <= noise <= 100):
+        raise DiffusionMICError(f"phantom noise must be a percent between 0 and 100, got {noise!r}")
+    if not whole(lesions, 0):
+        raise DiffusionMICError(f"phantom lesions must be a whole number >= 0, got {lesions!r}")
+
+
+def make_subject(seed: int, *, resolution: float = 2.0, noise: float = 3.0,
+                 lesions: int = 3) -> Subject:
     """One simulated subject: T1w, T2w, PD and FLAIR (acquired, clean, healthy) and its label map.
 
     `resolution` mm isotropic (1 or 2 are typical), `noise` Rician noise in percent of the
     brightest tissue, `lesions` number of lesions (0: a healthy subject).
     """
-    if not (isinstance(resolution, (int, float)) and 0.5 <= resolution <= 8):
-        raise DiffusionMICError(f"phantom resolution must be between 0.5 and 8 mm, got {resolution!r}")
-    if not (isinstance(noise, (int, float)) and 0 <= noise <= 100):
-        raise DiffusionMICError(f"phantom noise must be a percent between 0 and 100, got {noise!r}")
-    if int(lesions) != lesions or lesions < 0:
-        raise DiffusionMICError(f"phantom lesions must be a whole number >= 0, got {lesions!r}")
+    _check(seed=seed, resolution=resolution, noise=noise, lesions=lesions)
     resolution, lesions = float(resolution), int(lesions)
     rng = np.random.default_rng(seed)
 
     # per-subject draws, in a fixed order
-    tissue = {name: {"T1": v["T1"] * _jitter(rng, 0.015 if name == "CSF" else 0.04),
-                     "T2": v["T2"] * _jitter(rng, 0.015 if name == "CSF" else 0.04),
+    tissue = {name: {"T1": v["T1"] * _jitter(rng, 0.01 if name == "CSF" else 0.04),
+                     "T2": v["T2"] * _jitter(rng, 0.01 if name == "CSF" else 0.04),
                      "PD": v["PD"] * _jitter(rng, 0.01 if name == "CSF" else 0.03)}
               for name, v in TISSUES.items()}
     fractions = _warped_fractions(rng, resolution)
     t = _mni()
-    bias = np.exp(_cosine_field(_random_coef(rng, 3, rng.uniform(0.05, 0.09)), _axes_mm(resolution),
-                                t.fov, t.lo)).astype(np.float32)
+    bias_coef = _random_coef(rng, 3, rng.uniform(0.06, 0.11))       # log-field RMS 6-11 %
+    bias = np.exp(_cosine_field(bias_coef, _axes_mm(resolution), t.fov, t.lo)).astype(np.float32)
     texture = _textures(rng, 4, resolution)       # T1 and PD modulation, GM/lesion and WM
     amp = 0.03
 
@@ -389,8 +420,7 @@ def write_phantom(out: Path, *, subjects: int = 4, seed: int = 0, resolution: fl
     no noise). Channels 0..3 are T1, T2, PD, FLAIR. Same arguments, same files. Phantom files
     (phantom_NNN...) of an earlier run in these folders that this run does not write are removed.
     """
-    if int(subjects) != subjects or subjects < 1:
-        raise DiffusionMICError(f"phantom subjects must be a whole number >= 1, got {subjects!r}")
+    _check(seed=seed, resolution=resolution, noise=noise, lesions=lesions, subjects=subjects)
     out = Path(out)
     cases = [f"phantom_{i:03d}" for i in range(int(subjects))]
     folders = {name: out / name for name in ("imagesTr", "labelsTr", "cleanTr", "healthyTr")}
@@ -399,7 +429,8 @@ def write_phantom(out: Path, *, subjects: int = 4, seed: int = 0, resolution: fl
     written: set[Path] = set()
     for i, case in enumerate(cases):
         s = make_subject(subject_seed(seed, i), resolution=resolution, noise=noise, lesions=lesions)
-        for variant, images in (("imagesTr", s.images), ("cleanTr", s.clean), ("healthyTr", s.healthy)):
+        for variant, images in (("imagesTr", s.images), ("cleanTr", s.clean),
+                                ("healthyTr", s.healthy)):
             for c, ch in enumerate(CHANNELS):
                 written.add(write_volume(images[ch], folders[variant] / f"{case}_{c:04d}.nii.gz"))
         written.add(write_volume(s.labels, folders["labelsTr"] / f"{case}.nii.gz"))
@@ -417,7 +448,7 @@ def write_phantom(out: Path, *, subjects: int = 4, seed: int = 0, resolution: fl
         "labels": dict(LABELS),
         "numTraining": len(cases),
         "file_ending": ".nii.gz",
-        "phantom": {"seed": seed, "subjects": len(cases), "resolution": float(resolution),
+        "phantom": {"seed": int(seed), "subjects": len(cases), "resolution": float(resolution),
                     "noise": float(noise), "lesions": int(lesions),
                     "scale": SCALE, "protocols": PROTOCOLS, "tissues": TISSUES},
     }

@@ -138,7 +138,8 @@ def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[s
     progress.advance(len(cases))
     out = Path(out)
     trainer = Trainer(network, card.noise_schedule, config, dev,
-                      num_classes=len(card.classes) or None, checkpoint_dir=out / "checkpoint")
+                      num_classes=len(card.classes) or None, checkpoint_dir=out / "checkpoint",
+                      noise_fn=task.training_noise(card, dev))
     resumed = resume and trainer.resume()
     batches = random_batches(training_cases, spatial_dims=card.spatial_dims, patch=card.patch,
                              batch_size=config.batch_size, seed=config.seed * 7919 + trainer.rank + trainer.step,
@@ -161,6 +162,8 @@ def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[s
         card.name = settings["name"]
     if trainer.rank == 0:
         trainer.save_checkpoint()
+        with torch.inference_mode():
+            task.calibrate(card, trainer.ema.model, dataset, cases, dev, progress)
         save_model(out, card, trainer.ema.model, half=bool(settings.get("half", False)))
     trainer.close()
     return card

@@ -20,7 +20,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from ..errors import DiffusionMICError
 
 BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2", "scaled_linear": "scaled_linear"}
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")   # "sample": the network predicts x_0
 SAMPLERS = ("dpm++2m", "ddim", "unipc", "ddpm")
 
 

@@ -74,7 +74,8 @@ class Trainer:
 
     def __init__(self, network: torch.nn.Module, schedule: NoiseSchedule, config: TrainConfig,
                  device: torch.device, num_classes: int | None = None,
-                 checkpoint_dir: Path | None = None):
+                 checkpoint_dir: Path | None = None,
+                 noise_fn: Callable[[tuple[int, ...], torch.Generator], torch.Tensor] | None = None):
         self.rank, self.world = distributed_env()
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -95,6 +96,8 @@ class Trainer:
         self.checkpoint_dir = checkpoint_dir
         self.generator = torch.Generator().manual_seed(config.seed * 1000 + self.rank)
         self.amp_dtype = torch.bfloat16 if config.amp and self._bf16_ok() else None
+        # the forward process's noise: noise_fn(shape, generator) (e.g. simplex), else Gaussian
+        self.noise_fn = noise_fn
 
     def _bf16_ok(self) -> bool:
         if self.device.type == "cuda":
@@ -105,11 +108,13 @@ class Trainer:
         """The denoising loss of one batch (MSE on epsilon or v)."""
         x0 = batch.target.to(self.device)
         b = x0.shape[0]
-        noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
+        noise = (self.noise_fn(tuple(x0.shape), self.generator) if self.noise_fn is not None
+                 else torch.randn(x0.shape, generator=self.generator)).to(self.device)
         t = self.timesteps[torch.randint(0, len(self.timesteps), (b,), generator=self.generator)].to(self.device)
         a = self.alphas[t].view(b, *[1] * (x0.ndim - 1))
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        target = noise if self.schedule.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        target = {"epsilon": noise, "sample": x0,
+                  "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * x0}[self.schedule.prediction_type]
         inp = xt if batch.cond is None else torch.cat([xt, batch.cond.to(self.device)], dim=1)
         kwargs = {}
         if batch.labels is not None:

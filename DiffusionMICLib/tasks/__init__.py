@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 from ..errors import DiffusionMICError
+from .anomaly import Anomaly
 from .base import RunOptions, RunResult, Task
 from .denoise import Denoise
+from .generate import Generate
+from .segment import Segment
+from .translate import Translate
 
-TASKS: dict[str, Task] = {t.name: t for t in (Denoise(),)}
+TASKS: dict[str, Task] = {t.name: t for t in (Denoise(), Translate(), Segment(), Anomaly(), Generate())}
 
 
 def get_task(name: str) -> Task:

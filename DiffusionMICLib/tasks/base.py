@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from ..datasets import Dataset
+from ..errors import DiffusionMICError
 from ..engine.batches import TrainingCase
 from ..engine.trainer import Batch
 from ..models import ModelCard
@@ -31,7 +32,7 @@ class RunOptions:
 
     def with_card_defaults(self, card: ModelCard) -> "RunOptions":
         d = card.defaults
-        return replace(
+        resolved = replace(
             self,
             sampler=self.sampler or card.sampler.get("name", "dpm++2m"),
             steps=self.steps or card.sampler.get("steps", 10),
@@ -39,6 +40,19 @@ class RunOptions:
             ensemble=self.ensemble or d.get("ensemble", 1),
             guidance=self.guidance if self.guidance is not None else d.get("guidance", 1.0),
         )
+        resolved.validate()
+        return resolved
+
+    def validate(self) -> None:
+        """Reject impossible values with one clear line before any work starts."""
+        checks = [(self.steps is None or self.steps >= 1, f"--steps must be at least 1, got {self.steps}"),
+                  (self.strength is None or 0 < self.strength <= 1, f"--strength must be in (0, 1], got {self.strength}"),
+                  (self.ensemble is None or self.ensemble >= 1, f"--ensemble must be at least 1, got {self.ensemble}"),
+                  (self.count >= 1, f"--count must be at least 1, got {self.count}"),
+                  (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")]
+        for ok, message in checks:
+            if not ok:
+                raise DiffusionMICError(message)
 
 
 @dataclass
@@ -60,6 +74,15 @@ class Task:
     def augment(self, card: ModelCard):
         """Optional per-batch augmentation: (Batch, torch.Generator) -> Batch."""
         return None
+
+    def training_noise(self, card: ModelCard, device: torch.device):
+        """Optional forward-process noise for training, noise(shape, generator) -> Tensor; None: Gaussian."""
+        return None
+
+    def calibrate(self, card: ModelCard, network: torch.nn.Module, dataset: Dataset, cases: list,
+                  device: torch.device, progress: Progress) -> None:
+        """Optional, after training: measure with the trained (EMA) network what the card records
+        (e.g. a detection threshold) by updating `card` in place."""
 
     def run(self, card: ModelCard, network: torch.nn.Module, volumes: list[Volume], options: RunOptions,
             progress: Progress, device: torch.device) -> RunResult:

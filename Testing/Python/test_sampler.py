@@ -19,6 +19,8 @@ def gaussian_optimal(schedule: NoiseSchedule):
         if schedule.prediction_type == "epsilon":
             return eps
         x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        if schedule.prediction_type == "sample":
+            return x0
         return a.sqrt() * eps - (1 - a).sqrt() * x0
     return model
 
@@ -29,7 +31,7 @@ def moments(schedule, sampler, steps, n=20000, **kw):
     return x.mean().item(), x.std().item()
 
 
-@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("beta", ["linear", "cosine"])
 def test_few_step_samplers_match_ddpm_1000(prediction, beta):
     schedule = NoiseSchedule(beta_schedule=beta, prediction_type=prediction)

@@ -1,0 +1,248 @@
+"""Anomaly detection by reconstruction (AnoDDPM): diffuse the input part way, let a model of
+healthy anatomy denoise it back, and call anomalous what it had to change.
+
+Model: an unconditional 2D (axial slice) diffusion model of healthy images. `card.inputs` lists
+the modalities it models *jointly* as channels (settings {"task": {"channels": [...]}}; default
+["FLAIR"] when the data set has it, where MS-like lesions are brightest, else its first channel);
+a run takes one input volume per channel, in that order, on one grid. Each channel is scaled on
+its own: the median of its Otsu foreground maps to 0.5 (as for denoise: robust to lesions and noise).
+
+Training data, healthy only: a case's `healthyTr` images when the data set has them (the
+phantom), else the cases whose label map holds no voxel of the label named "lesion" (a data set
+without such a label is taken as all healthy). Training noise and the initial noise of a run are
+multi-octave simplex noise (`engine.simplex`) as in AnoDDPM; {"task": {"noise": {"type":
+"gaussian"}}} switches both to Gaussian (card.defaults["noise"]).
+
+Run: noise the input to depth `--strength` (card default 0.3 of the schedule), reconstruct with
+the sampler, anomaly map = mean over channels of |input - reconstruction| (normalised units),
+Gaussian-smoothed (card.defaults["smooth_mm"], sigma in mm), averaged over `--ensemble` draws
+(seeds seed, seed+1, ...) and set to 0 outside the input's foreground (Otsu union over channels,
+holes filled). Outputs on the input's exact grid: "output" the map (float32) and "mask"
+(uint8) = map > card.defaults["threshold"]. RunResult.info["score"] is the mean of the top 1 %
+of map values inside the foreground (card.defaults["top_fraction"]); info["anomalous"] says
+whether it exceeds card.defaults["score_threshold"].
+
+Thresholds (calibrated after training, `calibrate`): the voxel threshold is the 99.5th
+percentile (card.defaults["threshold_percentile"]) of the map over healthy foreground voxels of
+up to two training cases' *acquired* images (imagesTr: real noise; lesion voxels, grown by 2
+voxels, are left out), made with the card's default strength, sampler, steps and ensemble; the
+score threshold is the largest healthy score seen there. Those subjects' healthy versions were
+trained on, so the thresholds are slightly optimistic; a fixed {"task": {"threshold": T}} in
+the settings skips the voxel calibration. Both hold for the default strength/ensemble only.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from ..datasets import Case, Dataset
+from ..engine.batches import TrainingCase
+from ..engine.inference import bounding_box
+from ..engine.network import network_config
+from ..engine.pipeline import sample_volume
+from ..engine.simplex import DEFAULTS as SIMPLEX_DEFAULTS
+from ..engine.simplex import noise_from_spec
+from ..engine.space import ModelSpace, foreground, robust_scale, to_unit
+from ..errors import DiffusionMICError
+from ..metrics import detection_metrics
+from ..models import ModelCard
+from ..progress import Progress
+from ..volume import Volume
+from .base import RunOptions, RunResult, Task
+
+NORMALISATION = {"method": "percentile", "percentile": 50, "value": 0.5}
+LESION = "lesion"
+PHANTOM_LESION = 4     # the phantom's (and DESIGN.md's) label value of "lesion"
+
+
+def brain_mask(arrays: np.ndarray) -> np.ndarray:
+    """The union of the channels' Otsu foregrounds, holes filled (ventricles dark on FLAIR/T1)."""
+    mask = np.zeros(arrays.shape[1:], bool)
+    for a in arrays:
+        mask |= foreground(a)
+    return ndimage.binary_fill_holes(mask)
+
+
+def top_mean(values: np.ndarray, fraction: float) -> float:
+    """Mean of the largest `fraction` of values (at least one)."""
+    if values.size == 0:
+        return 0.0
+    k = max(1, int(round(values.size * fraction)))
+    return float(np.mean(np.partition(values.ravel(), values.size - k)[-k:]))
+
+
+def lesion_reference(ref: Volume) -> np.ndarray:
+    """The reference lesion mask: a binary map as it is; a label map: its "lesion" label (value 4)."""
+    values = set(np.unique(ref.array).tolist())
+    if values <= {0, 1}:
+        return ref.array > 0
+    if values <= set(range(PHANTOM_LESION + 1)):
+        return ref.array == PHANTOM_LESION
+    raise DiffusionMICError(f"the reference holds labels {sorted(values)[:8]}: give a binary lesion mask "
+                            f"(or a label map whose lesion label is {PHANTOM_LESION})")
+
+
+class Anomaly(Task):
+    name = "anomaly"
+
+    def make_card(self, dataset: Dataset, settings: dict[str, Any]) -> ModelCard:
+        spec = settings.get("task", {})
+        default = ["FLAIR"] if "FLAIR" in dataset.channels else dataset.channels[:1]
+        channels = list(spec.get("channels", default))
+        missing = [c for c in channels if c not in dataset.channels]
+        if missing or not channels:
+            raise DiffusionMICError(f"anomaly: channels {', '.join(missing) or '(none)'} are not in the data set "
+                                    f"({', '.join(dataset.channels)})")
+        noise = dict(spec.get("noise", {"type": "simplex", **SIMPLEX_DEFAULTS}))
+        noise_from_spec(noise)   # reject a bad spec before training
+        n = len(channels)
+        defaults = {"strength": 0.3, "ensemble": 1, "noise": noise, "smooth_mm": 2.0, "top_fraction": 0.01,
+                    "threshold_percentile": 99.5, "threshold": spec.get("threshold"), "score_threshold": None}
+        return ModelCard(
+            name=settings.get("name", f"anomaly-{'-'.join(channels)}"), task=self.name,
+            inputs=channels, outputs=["anomaly"],
+            description=settings.get("description", f"AnoDDPM-style reconstruction model of healthy "
+                                                    f"{' + '.join(channels)} ({noise['type']} noise)."),
+            network=network_config(n, n, **settings.get("network", {})),
+            schedule={"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "epsilon",
+                      **settings.get("schedule", {})},
+            normalisation={**NORMALISATION, **settings.get("normalisation", {})},
+            patch=settings.get("patch", [64, 64]),
+            sampler={"name": "ddim", "steps": 10, **settings.get("sampler", {})},
+            defaults={**defaults, **settings.get("defaults", {})},
+            training={"config": settings.get("train", {})},
+        )
+
+    # ---- training ---------------------------------------------------------------------------
+    @staticmethod
+    def _lesion_value(dataset: Dataset) -> int | None:
+        return dataset.labels.get(LESION)
+
+    def _healthy_source(self, case: Case, channels: list[str], lesion: int | None) -> str | None:
+        """'healthyTr' or 'imagesTr' if this case gives healthy images of all channels, else None."""
+        if all(ch in case.variants.get("healthyTr", {}) for ch in channels):
+            return "healthyTr"
+        if lesion is None or case.label is None:
+            return "imagesTr" if lesion is None else None
+        return None if np.any(case.read_label().array == lesion) else "imagesTr"
+
+    def training_cases(self, card: ModelCard, dataset: Dataset, cases: list[Case]) -> list[TrainingCase]:
+        lesion = self._lesion_value(dataset)
+        out = []
+        for case in cases:
+            source = self._healthy_source(case, card.inputs, lesion)
+            if source is None:
+                continue
+            variant = None if source == "imagesTr" else source
+            space = ModelSpace.enter([case.read(ch, variant) for ch in card.inputs], card.orientation, card.spacing)
+            arrays = np.stack([to_unit(a, robust_scale(a, card.normalisation)) for a in space.arrays])
+            out.append(TrainingCase(target=arrays, foreground=brain_mask(space.arrays)))
+        if not out:
+            raise DiffusionMICError("anomaly training needs healthy data: no case has healthyTr images "
+                                    "or a label map without lesions")
+        return out
+
+    def training_noise(self, card: ModelCard, device: torch.device):
+        return noise_from_spec(card.defaults.get("noise"), device)
+
+    # ---- the anomaly map --------------------------------------------------------------------
+    def _anomaly_map(self, card: ModelCard, network: torch.nn.Module, space: ModelSpace, options: RunOptions,
+                     progress: Progress, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+        """(map, foreground) on the model grid, (z, y, x)."""
+        x = np.stack([to_unit(a, robust_scale(a, card.normalisation)) for a in space.arrays])
+        mask = brain_mask(space.arrays)
+        crop = bounding_box(mask, margin=4)
+        noise = noise_from_spec(card.defaults.get("noise"), device)
+        sigma = [float(card.defaults.get("smooth_mm", 2.0)) / s for s in space.model_grid.spacing[::-1]]
+        total = np.zeros(mask.shape, np.float32)
+        for k in range(options.ensemble):
+            generator = torch.Generator().manual_seed(options.seed + k)
+            recon = sample_volume(card, network, None, start=x, strength=options.strength, sampler=options.sampler,
+                                  steps=options.steps, generator=generator, device=device, progress=progress,
+                                  noise=noise, batch_size=options.batch_size, crop=crop)
+            diff = np.abs(x - recon).mean(axis=0)
+            total += ndimage.gaussian_filter(diff, sigma) if max(sigma) > 0 else diff
+        amap = total / options.ensemble
+        amap[~mask] = 0.0
+        return amap.astype(np.float32), mask
+
+    def run(self, card: ModelCard, network: torch.nn.Module, volumes: list[Volume], options: RunOptions,
+            progress: Progress, device: torch.device) -> RunResult:
+        if len(volumes) != len(card.inputs):
+            raise DiffusionMICError(f"model '{card.name}' models {' + '.join(card.inputs)}: it takes "
+                                    f"{len(card.inputs)} input volume(s) in that order, got {len(volumes)}")
+        space = ModelSpace.enter(volumes, card.orientation, card.spacing)
+        progress.start("anomaly", 0)
+        amap, mask = self._anomaly_map(card, network, space, options, progress, device)
+        progress.close()
+        d = card.defaults
+        score = top_mean(amap[mask], float(d.get("top_fraction", 0.01)))
+        out = space.leave(amap)
+        out = out.with_array(np.clip(out.array, 0.0, None).astype(np.float32))
+        threshold = d.get("threshold")
+        if threshold is None:     # an uncalibrated model: a robust outlier level of this volume
+            vals = amap[mask]
+            threshold = float(np.median(vals) + 5 * 1.4826 * np.median(np.abs(vals - np.median(vals))))
+        info: dict[str, Any] = {"score": score, "threshold": float(threshold), "strength": options.strength,
+                                "ensemble": options.ensemble, "noise": (d.get("noise") or {}).get("type", "gaussian")}
+        binary = out.array > threshold
+        info["mask_voxels"] = int(binary.sum())
+        info["mask_ml"] = round(float(binary.sum() * np.prod(out.spacing)) / 1000.0, 3)
+        if d.get("score_threshold") is not None:
+            info["anomalous"] = bool(score > d["score_threshold"])
+        return RunResult({"output": out, "mask": out.with_array(binary.astype(np.uint8))}, info)
+
+    # ---- thresholds after training ----------------------------------------------------------
+    def calibrate(self, card: ModelCard, network: torch.nn.Module, dataset: Dataset, cases: list,
+                  device: torch.device, progress: Progress) -> None:
+        lesion = self._lesion_value(dataset)
+        network.eval()
+        options = RunOptions(seed=12345).with_card_defaults(card)
+        d = card.defaults
+        values, scores, used = [], [], []
+        for case in cases[: int(d.get("calibration_cases", 2))]:
+            volumes = [case.read(ch) for ch in card.inputs]
+            lesions = None
+            if lesion is not None and case.label is not None:
+                ref = case.read_label()
+                lesions = ref.with_array((ref.array == lesion).astype(np.float32))
+            space = ModelSpace.enter(volumes + ([lesions] if lesions is not None else []),
+                                     card.orientation, card.spacing)
+            images = ModelSpace(space.arrays[: len(volumes)], space.reference, space.model_grid)
+            amap, mask = self._anomaly_map(card, network, images, options, Progress(), device)
+            healthy = mask.copy()
+            if lesions is not None:
+                healthy &= ~ndimage.binary_dilation(space.arrays[-1] > 0.1, iterations=2)
+            values.append(amap[healthy])
+            scores.append(top_mean(amap[healthy], float(d.get("top_fraction", 0.01))))
+            used.append(case.id)
+        if not used:
+            return
+        pooled = np.concatenate(values)
+        if d.get("threshold") is None:
+            d["threshold"] = float(np.percentile(pooled, float(d.get("threshold_percentile", 99.5))))
+        d["score_threshold"] = float(max(scores))
+        d["calibration"] = {"cases": used, "healthy_voxels": int(pooled.size), "healthy_scores": scores,
+                            "strength": options.strength, "ensemble": options.ensemble,
+                            "sampler": options.sampler, "steps": options.steps}
+
+    # ---- evaluation -------------------------------------------------------------------------
+    def evaluate(self, pred: Volume, ref: Volume, mask: Volume | None) -> dict[str, Any]:
+        return self.evaluate_many([pred], [ref], [mask] if mask is not None else None)
+
+    def evaluate_many(self, preds: list[Volume], refs: list[Volume], masks: list[Volume] | None) -> dict[str, Any]:
+        """Voxel AUROC/AUPRC/best Dice pooled over the volumes, and volume-level AUROC of the scores.
+
+        The reference lesion is a binary map's foreground or a label map's lesion label (4).
+        Without a mask, a volume's voxels are those where the map is defined (> 0) plus its lesions.
+        """
+        if len(preds) != len(refs):
+            raise DiffusionMICError(f"give as many --ref as --pred ({len(refs)} vs {len(preds)})")
+        lesions = [r.with_array(lesion_reference(r).astype(np.uint8)) for r in refs]
+        if masks is None:
+            masks = [p.with_array(((p.array > 0) | (les.array > 0)).astype(np.uint8))
+                     for p, les in zip(preds, lesions)]
+        return detection_metrics(preds, lesions, masks)

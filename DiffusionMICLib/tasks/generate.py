@@ -1,0 +1,209 @@
+"""Generation: sample new whole-brain volumes, unconditional or class-conditional with
+classifier-free guidance.
+
+Scheme: a 3D diffusion UNet over the *whole* volume on a coarse grid (default 4 mm isotropic),
+so a sample is coherent across slices by construction and cheap enough for a CPU (a 2 mm
+phantom box of 80 x 104 x 88 voxels becomes 40 x 52 x 44). The grid (`card.grid`: size,
+spacing, origin, direction) is the first training case's box in RAS orientation, resampled to
+{"task": {"spacing": [x, y, z]}} mm and padded evenly to a multiple of the UNet's downsampling
+factor; every training image is resampled onto it (Gaussian pre-filter against aliasing, then
+linear), so the data set's subjects must roughly share a field of view (the phantom does;
+register real data to a template first). Training crops are the whole grid (no random crop),
+with random left-right flips as the only augmentation.
+
+Channels and classes ({"task": {...}} in the training settings):
+- "channels": modalities generated *jointly*, one UNet channel each (default: the data set's
+  first channel). Every channel is scaled on its own: its 99.5th Otsu-foreground percentile is 1.0.
+- "classes": null (unconditional), "lesion" (classes ["healthy", "lesion"]: a case is "lesion"
+  when its label map holds the label named "lesion"; a case's healthyTr images, when the data
+  set has them, add a "healthy" example), or "modality" (classes = the channels: one
+  single-channel model that generates the modality `--condition` names).
+  The trainer drops the class to a null class 15 % of the time, so `--guidance G` gives
+  classifier-free guidance; without `--condition` a class-conditional model samples the null
+  (unconditional) class.
+- "variant": which images to learn from: null (imagesTr, noise included) or e.g. "cleanTr".
+
+Run (`run generate`, no input): `--count N` samples with seeds seed, seed+1, ...; output keys
+"output" (sample 1), "2", "3", ... (sample 2, 3, ...), and for a second, third channel the
+channel name is appended ("T2", "2-T2"), which the CLI writes as OUT, OUT-2, OUT-T2, OUT-2-T2
+beside --output. Values are in the training data's normalised scale (about [0, 1.2]: each
+channel's 99.5th foreground percentile is 1.0), on the card's grid.
+
+Evaluation (`generation_metrics`): what a generator can be judged on without downloaded
+networks — foreground intensity quantiles and 1D Wasserstein distance, per-tissue means by
+1D k-means (3 classes), diversity (pairwise MS-SSIM of the samples, next to the same among real
+subjects) and MMD on histogram + coarse-layout features; see metrics.generation_metrics.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from ..datasets import Case, Dataset
+from ..engine.batches import TrainingCase
+from ..engine.network import downsampling_factor, network_config
+from ..engine.pipeline import sample_volume
+from ..engine.space import from_unit, robust_scale, to_unit
+from ..engine.trainer import Batch
+from ..errors import DiffusionMICError
+from ..metrics import generation_metrics
+from ..models import ModelCard
+from ..progress import Progress
+from ..volume import Geometry, Volume, orient, resample_to
+from .base import RunOptions, RunResult, Task
+
+NORMALISATION = {"method": "percentile", "percentile": 99.5, "value": 1.0}
+NETWORK_3D = {"spatial_dims": 3, "channels": [32, 64, 64], "attention_levels": [False, False, False],
+              "num_res_blocks": 1, "norm_num_groups": 16}
+CLASS_MODES = (None, "lesion", "modality")
+
+
+def output_grid(reference: Volume, spacing: list[float], factor: int) -> Geometry:
+    """reference's box (RAS-oriented) at `spacing` mm, padded evenly to a multiple of `factor` voxels."""
+    g = orient(reference, "RAS").geometry
+    direction = np.reshape(g.direction, (3, 3))
+    old, new = np.asarray(g.spacing, float), np.asarray(spacing, float)
+    extent = np.asarray(g.size) * old
+    size = np.ceil(extent / new / factor).astype(int) * factor
+    corner = np.asarray(g.origin) - direction @ (old / 2) - direction @ ((size * new - extent) / 2)
+    origin = corner + direction @ (new / 2)
+    return Geometry(tuple(int(s) for s in size), tuple(new.tolist()), tuple(origin.tolist()), g.direction)
+
+
+def onto_grid(volume: Volume, grid: Geometry) -> np.ndarray:
+    """Gaussian-prefiltered (sigma = half the downsampling factor, in voxels) linear resampling."""
+    factors = np.asarray(grid.spacing) / np.asarray(volume.spacing)
+    sigma = [max(0.0, (f - 1.0) / 2.0) for f in factors[::-1]]
+    array = volume.array.astype(np.float32)
+    if max(sigma) > 0:
+        array = ndimage.gaussian_filter(array, sigma)
+    return resample_to(volume.with_array(array), grid).array
+
+
+def sample_key(index: int, channel: int, name: str) -> str:
+    """Output key of sample `index` (0-based), channel `channel`: output, 2, T2, 2-T2, ..."""
+    parts = ([str(index + 1)] if index else []) + ([name] if channel else [])
+    return "-".join(parts) or "output"
+
+
+class Generate(Task):
+    name = "generate"
+
+    def make_card(self, dataset: Dataset, settings: dict[str, Any]) -> ModelCard:
+        spec = settings.get("task", {})
+        mode = spec.get("classes")
+        if mode not in CLASS_MODES:
+            raise DiffusionMICError(f"generate: classes must be null, 'lesion' or 'modality', got {mode!r}")
+        channels = list(spec.get("channels", dataset.channels if mode == "modality" else dataset.channels[:1]))
+        missing = [c for c in channels if c not in dataset.channels]
+        if missing or not channels:
+            raise DiffusionMICError(f"generate: channels {', '.join(missing) or '(none)'} are not in the data set "
+                                    f"({', '.join(dataset.channels)})")
+        if mode == "lesion" and "lesion" not in dataset.labels:
+            raise DiffusionMICError("generate: classes 'lesion' needs a label named 'lesion' in dataset.json")
+        classes = {"lesion": ["healthy", "lesion"], "modality": channels}.get(mode, [])
+        outputs = ["image"] if mode == "modality" else channels
+        net = {**NETWORK_3D, **settings.get("network", {}), "spatial_dims": 3}
+        if "attention_levels" not in settings.get("network", {}):
+            net["attention_levels"] = [False] * len(net["channels"])
+        network = network_config(len(outputs), len(outputs), len(classes) or None, **net)
+        grid = settings.get("grid") or output_grid(dataset.cases[0].read(channels[0]),
+                                                   list(spec.get("spacing", [4.0, 4.0, 4.0])),
+                                                   downsampling_factor(network)).to_dict()
+        geometry = Geometry.from_dict(grid)
+        return ModelCard(
+            name=settings.get("name", f"generate-{'-'.join(channels)}" + (f"-by-{mode}" if mode else "")),
+            task=self.name, inputs=[], outputs=outputs,
+            description=settings.get("description", f"3D whole-volume diffusion model of {' + '.join(channels)} "
+                                                    f"at {geometry.spacing[0]:g} mm"
+                                                    + (f", conditioned on {mode}" if mode else "") + "."),
+            network=network,
+            schedule={"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "v_prediction",
+                      **settings.get("schedule", {})},
+            normalisation={**NORMALISATION, **settings.get("normalisation", {})},
+            spacing=list(geometry.spacing), patch=list(geometry.size[::-1]), grid=grid, classes=classes,
+            sampler={"name": "dpm++2m", "steps": 20, **settings.get("sampler", {})},
+            defaults={"guidance": 1.0, **settings.get("defaults", {})},
+            training={"config": settings.get("train", {}), "variant": spec.get("variant")},
+        )
+
+    def _examples(self, card: ModelCard, dataset: Dataset, case: Case) -> list[tuple[list[Volume], int | None]]:
+        """(volumes, class) pairs one case gives."""
+        mode = ("modality" if card.outputs == ["image"] else "lesion") if card.classes else None
+        channels = card.classes if mode == "modality" else card.outputs
+        variant = card.training.get("variant")
+        if mode == "modality":
+            return [([case.read(ch, variant)], i) for i, ch in enumerate(channels)]
+        images = [case.read(ch, variant) for ch in channels]
+        if mode is None:
+            return [(images, None)]
+        lesion = dataset.labels["lesion"]
+        sick = case.label is not None and bool(np.any(case.read_label().array == lesion))
+        out = [(images, card.classes.index("lesion" if sick else "healthy"))]
+        if all(ch in case.variants.get("healthyTr", {}) for ch in channels):
+            out.append(([case.read(ch, "healthyTr") for ch in channels], card.classes.index("healthy")))
+        return out
+
+    def training_cases(self, card: ModelCard, dataset: Dataset, cases: list[Case]) -> list[TrainingCase]:
+        grid = Geometry.from_dict(card.grid)
+        shape = grid.size[::-1]
+        centre = np.zeros(shape, bool)
+        centre[tuple(s // 2 for s in shape)] = True     # crops of the whole grid, never shifted
+        out = []
+        for case in cases:
+            for volumes, label in self._examples(card, dataset, case):
+                arrays = np.stack([to_unit(onto_grid(v, grid), robust_scale(v.array, card.normalisation))
+                                   for v in volumes])
+                out.append(TrainingCase(target=arrays, label=label, foreground=centre))
+        return out
+
+    def augment(self, card: ModelCard):
+        def flip(batch: Batch, generator: torch.Generator) -> Batch:
+            which = torch.rand(batch.target.shape[0], generator=generator) < 0.5
+            target = batch.target.clone()
+            target[which] = target[which].flip(-1)       # x: left-right in RAS
+            return Batch(target, batch.cond, batch.labels)
+        return flip
+
+    def run(self, card: ModelCard, network: torch.nn.Module, volumes: list[Volume], options: RunOptions,
+            progress: Progress, device: torch.device) -> RunResult:
+        if volumes:
+            raise DiffusionMICError("generate takes no input volume: the output grid comes from the model card")
+        if not card.grid:
+            raise DiffusionMICError(f"model '{card.name}' has no output grid in its card")
+        grid = Geometry.from_dict(card.grid)
+        label = None
+        if card.classes:
+            if options.condition is None:
+                label = len(card.classes)             # the null class: unconditional
+            elif options.condition not in card.classes:
+                raise DiffusionMICError(f"unknown condition {options.condition!r}; model '{card.name}' "
+                                        f"knows {', '.join(card.classes)}")
+            else:
+                label = card.classes.index(options.condition)
+        elif options.condition is not None:
+            raise DiffusionMICError(f"model '{card.name}' is unconditional: it takes no --condition")
+        progress.start("generate", 0)
+        outputs: dict[str, Volume] = {}
+        for i in range(options.count):
+            generator = torch.Generator().manual_seed(options.seed + i)
+            x = sample_volume(card, network, None, shape=tuple(grid.size[::-1]), class_label=label,
+                              guidance=options.guidance, sampler=options.sampler, steps=options.steps,
+                              generator=generator, device=device, progress=progress, batch_size=options.batch_size)
+            for c, channel in enumerate(card.outputs):
+                outputs[sample_key(i, c, channel)] = Volume(from_unit(np.clip(x[c], -1.0, None)), grid)
+        progress.close()
+        names = options.condition if options.condition is not None else ("unconditional" if card.classes else None)
+        return RunResult(outputs, {"count": options.count, "condition": names, "guidance": options.guidance,
+                                   "channels": card.outputs, "spacing_mm": list(grid.spacing)})
+
+    def evaluate(self, pred: Volume, ref: Volume, mask: Volume | None) -> dict[str, Any]:
+        return generation_metrics([pred], [ref])
+
+    def evaluate_many(self, preds: list[Volume], refs: list[Volume], masks: list[Volume] | None) -> dict[str, Any]:
+        """Samples (--pred, several) against real subjects (--ref, several); masks are not used."""
+        return generation_metrics(preds, refs)
+

@@ -1,0 +1,137 @@
+"""Diffusion segmentation (Wolleb et al. 2022, MedSegDiff): denoise the one-hot label map, given the image.
+
+The model's target is the label map as one channel per label of the data set (dataset.json
+`labels`, background included), scaled to [-1, 1]; it is conditioned by channel concatenation on
+the images named in the card's `inputs` (training settings {"task": {"inputs": [...]}}, default
+every channel), each normalised on its own (its 99.5th foreground percentile -> 1.0).
+
+Run: `ensemble` draws with seeds seed, seed+1, ...; each draw is mapped back to [0, 1] class
+scores, the draws are averaged, the average is taken back to the input's exact grid (linear),
+and the label map is its argmax. The uncertainty map is the per-voxel entropy (nats) of the
+averaged, normalised class probabilities: 0 where every draw agrees, up to ln(number of labels).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..datasets import Case, Dataset
+from ..engine.batches import TrainingCase
+from ..engine.network import network_config
+from ..engine.inference import bounding_box
+from ..engine.pipeline import sample_volume
+from ..engine.space import ModelSpace, foreground
+from ..errors import DiffusionMICError
+from ..metrics import segmentation_metrics
+from ..models import ModelCard
+from ..progress import Progress
+from ..volume import Volume, resample_to
+from .base import RunOptions, RunResult, Task
+from .translate import NORMALISATION, input_mask, normalise
+
+
+def one_hot(labels: np.ndarray, values: list[int]) -> np.ndarray:
+    """(z, y, x) label map -> (C, z, y, x) in {-1, 1}, one channel per label value."""
+    return np.stack([(labels == v) for v in values]).astype(np.float32) * 2.0 - 1.0
+
+
+def class_probabilities(draws: list[np.ndarray]) -> np.ndarray:
+    """Mean over draws of the [0, 1] class scores, normalised to sum to 1 per voxel (C, z, y, x)."""
+    p = np.mean([np.clip((d + 1.0) / 2.0, 0.0, 1.0) for d in draws], axis=0)
+    total = p.sum(axis=0, keepdims=True)
+    empty = total[0] <= 1e-6
+    p[0][empty] = 1.0   # no score at all (outside the processed region): background
+    return p / np.maximum(p.sum(axis=0, keepdims=True), 1e-6)
+
+
+def entropy(p: np.ndarray) -> np.ndarray:
+    return -(p * np.log(np.clip(p, 1e-12, None))).sum(axis=0).astype(np.float32)
+
+
+class Segment(Task):
+    name = "segment"
+
+    def make_card(self, dataset: Dataset, settings: dict[str, Any]) -> ModelCard:
+        spec = settings.get("task", {})
+        inputs = list(spec.get("inputs", dataset.channels))
+        missing = [c for c in inputs if c not in dataset.channels]
+        if missing or not inputs:
+            raise DiffusionMICError(f"segment: inputs {missing or inputs} are not channels of the data set "
+                                    f"({', '.join(dataset.channels)})")
+        labels = dict(sorted(dataset.labels.items(), key=lambda kv: kv[1]))
+        if len(labels) < 2 or 0 not in labels.values():
+            raise DiffusionMICError("segment needs the data set's labels (dataset.json), background (0) included")
+        return ModelCard(
+            name=settings.get("name", "segment"), task=self.name, inputs=inputs, outputs=["labels"],
+            description=settings.get("description", f"Diffusion segmentation of {', '.join(labels)} "
+                                                    f"from {' + '.join(inputs)}."),
+            network=network_config(len(labels) + len(inputs), len(labels), **settings.get("network", {})),
+            schedule={"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "v_prediction",
+                      **settings.get("schedule", {})},
+            normalisation={**NORMALISATION, **settings.get("normalisation", {})},
+            labels=labels, patch=settings.get("patch", [64, 64]),
+            sampler={"name": "dpm++2m", "steps": 10, **settings.get("sampler", {})},
+            defaults={"ensemble": 1, **settings.get("defaults", {})},
+            training={"config": settings.get("train", {})},
+        )
+
+    def training_cases(self, card: ModelCard, dataset: Dataset, cases: list[Case]) -> list[TrainingCase]:
+        values = list(card.labels.values())
+        out = []
+        for case in cases:
+            if case.label is None:
+                raise DiffusionMICError(f"segment training needs label maps: case {case.id} has none")
+            images = [case.read(ch) for ch in card.inputs]
+            label = case.read_label()
+            if not label.geometry.same_as(images[0].geometry, tol=1e-3):
+                raise DiffusionMICError(f"case {case.id}: the label map is not on the images' voxel grid")
+            space = ModelSpace.enter(images, card.orientation, card.spacing)
+            # nearest neighbour onto the model grid: exact when that grid is only a reorientation
+            lab = resample_to(label, space.model_grid.geometry, interpolation="nearest").array
+            fg = (lab > 0) | np.any([foreground(a) for a in space.arrays], axis=0)
+            out.append(TrainingCase(target=one_hot(np.rint(lab).astype(np.int64), values),
+                                    cond=normalise(space.arrays, card.normalisation), foreground=fg))
+        return out
+
+    def run(self, card: ModelCard, network: torch.nn.Module, volumes: list[Volume], options: RunOptions,
+            progress: Progress, device: torch.device) -> RunResult:
+        if len(volumes) != len(card.inputs):
+            raise DiffusionMICError(f"model '{card.name}' segments from {' + '.join(card.inputs)}: it takes "
+                                    f"{len(card.inputs)} input volume(s) in that order, got {len(volumes)}")
+        space = ModelSpace.enter(volumes, card.orientation, card.spacing)
+        cond = normalise(space.arrays, card.normalisation)
+        crop = bounding_box(input_mask(space.arrays))   # outside the head: background
+        progress.start("segment", 0)
+        draws = []
+        for k in range(options.ensemble):
+            generator = torch.Generator().manual_seed(options.seed + k)
+            draws.append(sample_volume(card, network, cond, sampler=options.sampler, steps=options.steps,
+                                       generator=generator, device=device, progress=progress,
+                                       batch_size=options.batch_size, crop=crop))
+        progress.close()
+        p = class_probabilities(draws)
+        # back to the input grid: class scores linearly (outside the model grid: background), then argmax
+        back = np.stack([space.leave(c, default=float(i == 0)).array for i, c in enumerate(p)])
+        values = np.array(list(card.labels.values()))
+        dtype = np.uint8 if values.min() >= 0 and values.max() < 256 else np.int16
+        labels = values[np.argmax(back, axis=0)].astype(dtype)
+        back /= np.maximum(back.sum(axis=0, keepdims=True), 1e-6)
+        ref = volumes[0]
+        return RunResult({"output": ref.with_array(labels), "uncertainty": ref.with_array(entropy(back))},
+                         {"labels": dict(card.labels), "ensemble": options.ensemble})
+
+    def evaluate(self, pred: Volume, ref: Volume, mask: Volume | None) -> dict[str, Any]:
+        """Dice, IoU and 95 % Hausdorff distance (mm) per label value found in either map.
+
+        Labels are named by their value (the label map carries no names); with a mask, voxels
+        outside it count as background in both maps.
+        """
+        p, r = pred.array, ref.array
+        if mask is not None:
+            if not mask.geometry.same_as(pred.geometry, tol=1e-3):
+                raise DiffusionMICError("the mask is not on the prediction's voxel grid")
+            p, r = np.where(mask.array > 0, p, 0), np.where(mask.array > 0, r, 0)
+        values = sorted(set(np.unique(np.rint(p)).tolist()) | set(np.unique(np.rint(r)).tolist()) - {0})
+        return segmentation_metrics(pred.with_array(p), ref.with_array(r), {str(int(v)): int(v) for v in values})

@@ -1,0 +1,32 @@
+# Two entry points: `make demo` (the main job) and `make test` (the whole default test suite).
+# Each builds .venv on first use, installing the pinned CPU torch first so that nothing pulls a CUDA build.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH := torch==2.13.0
+
+.PHONY: demo test test-slow benchmark venv clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[test,lora]" "$(TORCH)"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(VENV)/bin/diffusion-mic demo --out demo-out
+
+test: venv
+	$(PY) -m pytest -q
+
+test-slow: venv
+	$(PY) -m pytest -q -m slow
+
+benchmark: venv
+	$(VENV)/bin/diffusion-mic benchmark
+
+clean:
+	rm -rf $(VENV) demo-out

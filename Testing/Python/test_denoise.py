@@ -1,0 +1,127 @@
+"""Denoising end to end: train -> save -> load -> run, geometry, determinism, CLI."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+import DiffusionMICLib as dmic
+from DiffusionMICLib.engine.pipeline import train
+from DiffusionMICLib.volume import Geometry, Volume, read_volume, write_volume
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, phantom_dir):
+    """A tiny denoiser trained for a few steps (plumbing only)."""
+    from conftest import TINY_NETWORK
+    out = tmp_path_factory.mktemp("models") / "tiny-denoise"
+    train("denoise", phantom_dir, out, max_steps=3,
+          settings={"network": TINY_NETWORK, "patch": [32, 32], "train": {"batch_size": 2}})
+    return out
+
+
+def oblique_reoriented(vol: Volume) -> Volume:
+    """The same image with axes permuted/flipped, an oblique direction and anisotropic spacing."""
+    arr = np.ascontiguousarray(np.flip(vol.array.transpose(1, 0, 2), axis=2))
+    rot = Rotation.from_euler("xyz", [17, -9, 23], degrees=True).as_matrix() @ np.array([[0, 1, 0], [0, 0, -1], [-1, 0, 0]])
+    geom = Geometry(size=arr.shape[::-1], spacing=(2.0, 2.4, 1.7), origin=(-31.5, 12.25, 80.0),
+                    direction=tuple(rot.flatten()))
+    return Volume(arr, geom)
+
+
+def test_run_keeps_exact_geometry_of_oblique_input(tiny_model, phantom_dir, tmp_path):
+    vol = oblique_reoriented(read_volume(phantom_dir / "imagesTr" / "phantom_000_0000.nii.gz"))
+    src = write_volume(vol, tmp_path / "oblique.nrrd")
+    out = dmic.denoise(read_volume(src), tiny_model, steps=2).outputs["output"]
+    assert out.geometry.same_as(vol.geometry, tol=1e-9)
+    assert out.array.shape == vol.array.shape and out.array.dtype == np.float32
+    assert np.isfinite(out.array).all()
+
+
+def test_same_seed_same_result_and_progress(tiny_model, phantom_dir):
+    vol = read_volume(phantom_dir / "imagesTr" / "phantom_001_0001.nii.gz")
+    seen = []
+    a = dmic.denoise(vol, tiny_model, steps=2, seed=5, progress=lambda s, i, n: seen.append((i, n)))
+    b = dmic.denoise(vol, tiny_model, steps=2, seed=5)
+    c = dmic.denoise(vol, tiny_model, steps=2, seed=6)
+    assert np.array_equal(a.outputs["output"].array, b.outputs["output"].array)
+    assert not np.array_equal(a.outputs["output"].array, c.outputs["output"].array)
+    assert seen[-1][0] == seen[-1][1] > 0
+
+
+def test_cancel_stops_run(tiny_model, phantom_dir):
+    vol = read_volume(phantom_dir / "imagesTr" / "phantom_001_0001.nii.gz")
+    calls = []
+    with pytest.raises(dmic.Cancelled):
+        dmic.denoise(vol, tiny_model, steps=4, progress=lambda *a: calls.append(a), cancel=lambda: len(calls) >= 2)
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "DiffusionMICLib", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_run_json_progress_and_evaluate(tiny_model, phantom_dir, tmp_path):
+    out = tmp_path / "den.nii.gz"
+    p = cli("run", "denoise", "--model", tiny_model, "--input", phantom_dir / "imagesTr" / "phantom_000_0002.nii.gz",
+            "--output", out, "--steps", "2", "--progress", "json")
+    assert p.returncode == 0, p.stderr
+    lines = [json.loads(x) for x in p.stdout.strip().splitlines()]
+    assert all({"stage", "step", "steps", "fraction"} <= set(x) for x in lines[:-1])
+    assert lines[-2]["fraction"] == 1.0
+    assert lines[-1]["outputs"]["output"] == str(out) and lines[-1]["steps"] == 2 and "wall_time_s" in lines[-1]
+    e = cli("evaluate", "denoise", "--pred", out, "--ref", phantom_dir / "cleanTr" / "phantom_000_0002.nii.gz",
+            "--mask", phantom_dir / "labelsTr" / "phantom_000.nii.gz")
+    assert e.returncode == 0, e.stderr
+    assert {"rmse", "psnr", "ssim"} <= set(json.loads(e.stdout))
+
+
+def _write_bad(kind: str, path):
+    import SimpleITK as sitk
+    if kind == "4d":
+        sitk.WriteImage(sitk.Image([4, 4, 4, 3], sitk.sitkFloat32), str(path))
+    elif kind == "vector":
+        sitk.WriteImage(sitk.Image([4, 4, 4], sitk.sitkVectorFloat32, 3), str(path))
+    elif kind == "nan":
+        a = np.zeros((4, 4, 4), np.float32)
+        a[1, 1, 1] = np.nan
+        sitk.WriteImage(sitk.GetImageFromArray(a), str(path))
+    elif kind == "text":
+        path.write_text("not an image")
+    elif kind == "empty":
+        path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("kind", ["4d", "vector", "nan", "text", "empty", "missing"])
+def test_bad_input_clear_error_no_output(kind, tiny_model, tmp_path):
+    # SimpleITK's NIfTI writer turns NaN into 0, so the NaN case is written as MetaImage
+    bad = tmp_path / f"bad-{kind}{'.mha' if kind == 'nan' else '.nii.gz'}"
+    _write_bad(kind, bad)
+    out = tmp_path / "out.nrrd"
+    p = cli("run", "denoise", "--model", tiny_model, "--input", bad, "--output", out, "--steps", "1",
+            "--progress", "none")
+    assert p.returncode == 2
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and bad.name in err[0], p.stderr
+    assert not out.exists() and not list(tmp_path.glob(".tmp*"))
+
+
+def test_bad_model_and_options(tiny_model, phantom_dir, tmp_path):
+    src = phantom_dir / "imagesTr" / "phantom_000_0000.nii.gz"
+    out = tmp_path / "o.nrrd"
+    for args, needle in [(["--model", tmp_path / "nope"], "nope"),
+                         (["--model", tiny_model, "--steps", "0"], "steps"),
+                         (["--model", tiny_model, "--strength", "1.5"], "strength"),
+                         (["--model", tiny_model, "--device", "cuda:7"], "cuda")]:
+        p = cli("run", "denoise", *args, "--input", src, "--output", out, "--progress", "none")
+        assert p.returncode == 2 and needle in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert not out.exists()
+
+
+def test_cli_output_may_not_overwrite_input(tiny_model, phantom_dir, tmp_path):
+    src = write_volume(read_volume(phantom_dir / "imagesTr" / "phantom_000_0000.nii.gz"), tmp_path / "in.nrrd")
+    before = src.read_bytes()
+    p = cli("run", "denoise", "--model", tiny_model, "--input", src, "--output", src, "--progress", "none")
+    assert p.returncode == 2 and src.read_bytes() == before

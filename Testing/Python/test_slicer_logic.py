@@ -1,0 +1,756 @@
+"""The Slicer module's Logic on real MRML (slicer-core): nodes in, nodes out, through the real
+backend process (DiffusionMICLib's command line) and, for process-handling edge cases, a small
+fake backend that follows the same command-line contract.
+
+What needs Slicer's application (the Widget, the .ui loaded by Qt, PythonSlicer) is checked by
+DiffusionMICTest inside Slicer; here the .ui file is checked against the parameter node and the
+Widget's code statically.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import sys
+import textwrap
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+import vtk  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+MODULE_DIR = REPO / "DiffusionMIC"
+UI_FILE = REPO / "Resources" / "UI" / "DiffusionMIC.ui"
+sys.path.insert(0, str(MODULE_DIR))
+slicer.mrmlScene = slicer.vtkMRMLScene()   # the module imports slicer.mrmlScene-using helpers
+import DiffusionMIC as module  # noqa: E402
+from DiffusionMICModule import catalog, mrml  # noqa: E402
+from DiffusionMICModule.backend import BackendError  # noqa: E402
+
+TINY = {"network": {"channels": [16, 32], "attention_levels": [False, False], "norm_num_groups": 16},
+        "patch": [48, 48], "train": {"batch_size": 4}}
+TIMEOUT = 300
+
+
+# ---- scene and volumes ----------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def scene():
+    """A fresh MRML scene for every test (slicer.util and the Logic use slicer.mrmlScene)."""
+    slicer.mrmlScene = slicer.vtkMRMLScene()
+    yield slicer.mrmlScene
+
+
+def oblique_matrix(spacing=(0.9, 1.3, 3.0), origin=(12.5, -20.25, 7.75), degrees=(12.0, -20.0, 7.0)):
+    """IJKToRAS of an oblique, anisotropic grid."""
+    ax, ay, az = np.radians(degrees)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    m = np.eye(4)
+    m[:3, :3] = rz @ ry @ rx @ np.diag(spacing)
+    m[:3, 3] = origin
+    return m
+
+
+def add_volume(array, name, matrix=None, folder="Study", className="vtkMRMLScalarVolumeNode"):
+    """A volume node (oblique grid by default) inside a subject-hierarchy folder."""
+    node = slicer.util.addVolumeFromArray(np.ascontiguousarray(array), oblique_matrix() if matrix is None else matrix,
+                                          name=name, nodeClassName=className)
+    if folder:
+        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        parent = sh.GetItemChildWithName(sh.GetSceneItemID(), folder) or sh.CreateFolderItem(sh.GetSceneItemID(), folder)
+        item = sh.GetItemByDataNode(node) or sh.CreateItem(parent, node)
+        sh.SetItemParent(item, parent)
+    return node
+
+
+def sh_parent(node):
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(node.GetScene())
+    return sh.GetItemParent(sh.GetItemByDataNode(node))
+
+
+def node_count():
+    return slicer.mrmlScene.GetNumberOfNodes()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _group_members(pgid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                out.append(int(entry))
+    return out
+
+
+def poll_until(job, condition=lambda: False, timeout=TIMEOUT):
+    """Poll a job as the GUI's timer does, until it is done or `condition()` holds."""
+    deadline = time.monotonic() + timeout
+    while not job.poll() and not condition():
+        assert time.monotonic() < deadline, "the backend took too long"
+        time.sleep(0.05)
+
+
+# ---- data and models ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def phantom(tmp_path_factory):
+    """One 2 mm phantom subject (nnU-Net layout) and its arrays (z, y, x)."""
+    import SimpleITK as sitk
+    from DiffusionMICLib.phantom import write_phantom
+    out = tmp_path_factory.mktemp("slicer-phantom")
+    write_phantom(out, subjects=1, seed=0, resolution=2.0, noise=5.0, lesions=3)
+    read = lambda p: sitk.GetArrayFromImage(sitk.ReadImage(str(p)))  # noqa: E731
+    arrays = {name: read(out / "imagesTr" / f"phantom_000_{i:04d}.nii.gz").astype(np.float32)
+              for i, name in enumerate(("T1", "T2", "PD", "FLAIR"))}
+    arrays["T1 clean"] = read(out / "cleanTr" / "phantom_000_0000.nii.gz").astype(np.float32)
+    arrays["labels"] = read(out / "labelsTr" / "phantom_000.nii.gz").astype(np.uint8)
+    return out, arrays
+
+
+def crop(array):
+    """A central slab: 6 slices of 40 x 40 voxels (small, so runs take seconds)."""
+    z, y, x = (s // 2 for s in array.shape)
+    return np.ascontiguousarray(array[z - 3:z + 3, y - 20:y + 20, x - 20:x + 20])
+
+
+@pytest.fixture(scope="session")
+def models(phantom, tmp_path_factory):
+    """A tiny denoiser trained for 5 steps; the other tasks' models untrained (random weights)
+    from the library's own cards, enough to exercise the command-line contract."""
+    import torch
+    from DiffusionMICLib.datasets import read_dataset
+    from DiffusionMICLib.engine.network import build_network
+    from DiffusionMICLib.engine.pipeline import train
+    from DiffusionMICLib.models import save_model
+    from DiffusionMICLib.tasks import TASKS
+
+    data, _ = phantom
+    root = tmp_path_factory.mktemp("slicer-models")
+    out = {}
+    train("denoise", data, root / "denoise", settings=json.loads(json.dumps(TINY)), max_steps=5, device="cpu")
+    out["denoise"] = str(root / "denoise")
+    dataset = read_dataset(data)
+    extra = {"translate": {"task": {"inputs": ["T1", "T2"], "output": "FLAIR"}},
+             "segment": {"task": {"inputs": ["T1", "FLAIR"]}},
+             "anomaly": {"task": {"channels": ["FLAIR"]}},
+             "generate": {"grid": {"size": [16, 16, 8], "spacing": [4.0, 4.0, 4.0], "origin": [30.0, 30.0, -10.0],
+                                   "direction": [-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0]}}}
+    for task, settings in extra.items():
+        if task not in TASKS:
+            continue
+        card = TASKS[task].make_card(dataset, {**json.loads(json.dumps(TINY)), **settings})
+        network = build_network(card.network)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():   # MONAI zero-initialises the output conv: give it non-zero outputs
+            for p in network.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+        save_model(root / task, card, network)
+        out[task] = str(root / task)
+    return out
+
+
+# ---- a fake backend for process-handling edge cases ------------------------------------------
+
+FAKE_BACKEND = textwrap.dedent('''
+    """Follows DiffusionMICLib's command-line contract; behaviour chosen by the model folder's name."""
+    import argparse, json, os, subprocess, sys, time
+    import numpy as np
+    import SimpleITK as sitk
+
+    def progress(stage, step, steps):
+        print(json.dumps({"stage": stage, "step": step, "steps": steps, "fraction": step / steps}), flush=True)
+
+    def main():
+        p = argparse.ArgumentParser()
+        p.add_argument("command"); p.add_argument("task")
+        for flag in ("--model", "--output", "--uncertainty", "--mask", "--progress", "--steps", "--seed"):
+            p.add_argument(flag)
+        p.add_argument("--input", action="append", default=[])
+        p.add_argument("--pred"); p.add_argument("--ref")
+        a, _ = p.parse_known_args()
+        if a.command == "evaluate":
+            pred = sitk.GetArrayFromImage(sitk.ReadImage(a.pred))
+            ref = sitk.GetArrayFromImage(sitk.ReadImage(a.ref))
+            print("a library warning on stdout")
+            print(json.dumps({"pred_values": sorted(int(v) for v in np.unique(pred)),
+                              "ref_values": sorted(int(v) for v in np.unique(ref)),
+                              "dice": {"CSF": 0.5, "GM": 0.25}, "voxels": int(pred.size), "note": "text"}, indent=2))
+            return 0
+        behaviour = os.path.basename(a.model.rstrip("/"))
+        if behaviour == "fail":
+            print("UserWarning: something harmless", file=sys.stderr)
+            print("diffusion-mic: error: the fake model cannot run on this input", file=sys.stderr)
+            return 2
+        if behaviour == "slow":
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+            with open(os.path.join(a.model, "pids.json"), "w") as f:
+                json.dump({"backend": os.getpid(), "child": child.pid}, f)
+            for i in range(100000):
+                progress(a.task, i, 100000)
+                time.sleep(0.05)
+        image = sitk.ReadImage(a.input[0])
+        if behaviour == "offgrid":
+            image.SetSpacing([s * 2 for s in image.GetSpacing()])
+        sitk.WriteImage(image, a.output)
+        progress(a.task, 1, 1)
+        print(json.dumps({"outputs": {"output": a.output}, "seed": 0}))
+        return 0
+
+    sys.exit(main())
+''')
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    """A Logic whose backend is the fake above (on PYTHONPATH), and a folder for fake models."""
+    (tmp_path / "fake_diffusionmic.py").write_text(FAKE_BACKEND)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    logic = module.DiffusionMICLogic()
+    logic.backendModule = "fake_diffusionmic"
+    for name in ("slow", "fail", "offgrid"):
+        (tmp_path / name).mkdir()
+    return logic, tmp_path
+
+
+# ---- the module without Qt ------------------------------------------------------------------
+
+def test_logic_imports_on_slicer_core_without_qt():
+    assert module.HAVE_QT is False
+    logic = module.DiffusionMICLogic()
+    node = logic.getParameterNode()
+    assert node.IsA("vtkMRMLScriptedModuleNode") and node.GetAttribute("ModuleName") == "DiffusionMIC"
+    assert logic.getParameterNode() is node                     # a singleton, as in Slicer
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode") == 1
+    for name in ("DiffusionMIC", "DiffusionMICWidget"):
+        with pytest.raises(RuntimeError):                          # only Slicer makes these
+            getattr(module, name)(None)
+
+
+def test_parameter_defaults():
+    """The wrapper needs Qt (not in slicer-core): check the plain declarations and defaults."""
+    p = module.DiffusionMICParameterNode()
+    assert p.device == "auto" and p.compareTask == "auto" and p.generateCount == 1
+    for task in module.TASKS:
+        sampling = getattr(p, task)
+        assert (sampling.sampler, sampling.steps, sampling.seed, sampling.strength, sampling.ensemble,
+                sampling.guidance) == ("dpm++2m", 10, 0, 1.0, 1, 1.0)
+        assert getattr(p, f"{task}Model") == "" and getattr(p, f"{task}Output") is None
+    assert getattr(p, "generate") is not getattr(p, "denoise")    # one pack per panel
+    assert catalog.FALLBACK_DEFAULTS == {k: getattr(p.denoise, k) for k in catalog.FALLBACK_DEFAULTS}
+
+
+def _annotation_parts(annotation):
+    from typing import get_args, get_origin, Annotated, Union
+    if get_origin(annotation) is Annotated:
+        base, *extras = get_args(annotation)
+        return base, extras
+    if get_origin(annotation) is Union:
+        return annotation, []
+    return annotation, []
+
+
+def test_ui_file_matches_parameter_node_and_widget():
+    """Every SlicerParameterName names a parameter of a type its widget can show; every widget the
+    Widget code uses exists; every MRML widget gets the scene; names are unique."""
+    from typing import Union, get_args, get_origin
+    root = ET.parse(UI_FILE).getroot()
+    widgets = {w.get("name"): w for w in root.iter("widget")}
+    assert len(widgets) == len(list(root.iter("widget")))
+    fields = module.DiffusionMICParameterNode.__annotations__
+    pack = module.DiffusionMICSampling.__annotations__
+
+    def prop(w, name):
+        for p in w.findall("property"):
+            if p.get("name") == name:
+                return p
+        return None
+
+    bound = {}
+    for name, w in widgets.items():
+        p = prop(w, "SlicerParameterName")
+        if p is None:
+            continue
+        assert p.get("stdset") == "0"
+        param = p.find("string").text
+        top, _, sub = param.partition(".")
+        assert top in fields, f"{name}: no parameter {top}"
+        annotation = pack[sub] if sub else fields[top]
+        base, extras = _annotation_parts(annotation)
+        cls = w.get("class")
+        kinds = {type(e).__name__ for e in extras}
+        if cls == "qMRMLNodeComboBox":
+            types = [s.text for s in prop(w, "nodeTypes").find("stringlist")]
+            wanted = [t.__name__ for t in (get_args(base) if get_origin(base) is Union else (base,))]
+            assert sorted(types) == sorted(wanted), name
+        elif cls == "QComboBox":
+            assert base is str and "Choice" in kinds, name
+        elif cls == "QSpinBox":
+            assert base is int and "WithinRange" in kinds, name
+        elif cls in ("ctkSliderWidget", "QDoubleSpinBox"):
+            assert base is float and "WithinRange" in kinds, name
+        else:
+            pytest.fail(f"{name}: {cls} is not a widget the parameter node wrapper connects")
+        bound[param] = name
+    for task in module.TASKS:
+        for key in catalog.FALLBACK_DEFAULTS:
+            assert f"{task}.{key}" in bound
+        assert f"{task}Output" in bound
+    connected = {c.find("receiver").text for c in root.iter("connection")
+                 if c.find("signal").text == "mrmlSceneChanged(vtkMRMLScene*)"}
+    mrml_widgets = {n for n, w in widgets.items() if w.get("class") in ("qMRMLNodeComboBox", "qMRMLTableView")}
+    assert mrml_widgets == connected
+    # Names the Widget code uses: self.ui.<name> and self._widget(<panel>, "<suffix>").
+    source = (MODULE_DIR / "DiffusionMIC.py").read_text()
+    used = set(re.findall(r"self\.ui\.(\w+)", source))
+    for suffix in set(re.findall(r'_widget\(\w+, f?"(\w+?)(?:\{i\})?"\)', source)):
+        panels = ("compare",) + module.TASKS if suffix in ("ProgressBar", "StatusLabel") else module.TASKS
+        for panel in panels:
+            if suffix.startswith("Input"):
+                used |= {f"{panel}{suffix}{i}" for i in range(module.MAX_INPUTS)} if panel != "generate" else set()
+                used.discard(f"denoise{suffix}1"), used.discard(f"denoise{suffix}2")
+            else:
+                used.add(f"{panel}{suffix}")
+    missing = sorted(n for n in used if n not in widgets)
+    assert not missing, missing
+
+
+def test_catalog_reader_agrees_with_library(tmp_path, monkeypatch, models):
+    """The module reads the catalog without torch; it must agree with DiffusionMICLib.models."""
+    from DiffusionMICLib import models as libmodels
+    from DiffusionMICLib.cli import cmd_models
+    cache = tmp_path / "cache"
+    (cache / "cached-denoiser").mkdir(parents=True)
+    (cache / "cached-denoiser" / "model.json").write_text(Path(models["denoise"], "model.json").read_text())
+    entries = [{"name": "tiny-denoise", "task": "denoise", "description": "a tiny denoiser", "path": models["denoise"]},
+               {"name": "cached-denoiser", "task": "denoise", "url": "https://example.org/x", "sha256": "0" * 64},
+               {"name": "remote-segmenter", "task": "segment", "description": "not downloaded",
+                "url": "https://example.org/y", "sha256": "0" * 64}]
+    (tmp_path / "catalog.json").write_text(json.dumps({"models": entries}))
+    monkeypatch.setenv("DIFFUSIONMIC_CATALOG", str(tmp_path / "catalog.json"))
+    monkeypatch.setenv("DIFFUSIONMIC_CACHE", str(cache))
+    assert catalog.readCatalog() == libmodels.read_catalog() == entries
+    listed = cmd_models(type("Args", (), {"action": "list", "name": None})())
+    assert catalog.modelsForTask("denoise") == [e for e in listed if e["task"] == "denoise"]
+    assert [e["name"] for e in module.DiffusionMICLogic.models("segment")] == ["remote-segmenter"]
+    for name in ("tiny-denoise", "cached-denoiser", models["denoise"]):
+        assert Path(catalog.resolveModel(name)).resolve() == Path(libmodels.resolve_model(name)).resolve()
+    assert catalog.resolveModel("remote-segmenter") is None
+    with pytest.raises(Exception):
+        libmodels.resolve_model("remote-segmenter")
+    assert catalog.readCard("tiny-denoise")["task"] == "denoise"
+    assert catalog.cardTooltip(None, "a tiny denoiser") == "a tiny denoiser"
+    assert "Conditional diffusion denoiser" in catalog.cardTooltip(catalog.readCard("tiny-denoise"))
+
+
+def test_requirements_cover_the_library_dependencies():
+    import tomllib
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    name = lambda r: re.match(r"[A-Za-z0-9._-]+", r).group(0).lower()  # noqa: E731
+    listed = {name(r) for r in catalog.readRequirements(REPO / "Resources" / "requirements.txt")}
+    assert {name(r) for r in declared} - {"torch"} <= listed
+    assert "torch" not in listed    # PyTorch comes from the PyTorch extension
+    assert module.DiffusionMICLogic().missingRequirements() == []
+    assert catalog.missingRequirements(["surely-not-installed-pkg>=1"]) == ["surely-not-installed-pkg>=1"]
+
+
+def test_card_defaults(models):
+    logic = module.DiffusionMICLogic()
+    card = json.loads(Path(models["denoise"], "model.json").read_text())
+    assert logic.cardDefaults(models["denoise"]) == {**catalog.FALLBACK_DEFAULTS, "sampler": card["sampler"]["name"],
+                                                     "steps": card["sampler"]["steps"]}
+    if "anomaly" in models:
+        anomaly = json.loads(Path(models["anomaly"], "model.json").read_text())
+        assert logic.cardDefaults(models["anomaly"])["strength"] == anomaly["defaults"]["strength"]
+    assert logic.cardDefaults("no-such-model") == catalog.FALLBACK_DEFAULTS
+
+
+# ---- real backend: denoise ---------------------------------------------------------------------
+
+def test_denoise_blocking_keeps_geometry_and_places_beside_input(phantom, models):
+    _, arrays = phantom
+    t1 = add_volume(crop(arrays["T1"]), "T1")
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "scanner")
+    t1.SetAndObserveTransformNodeID(transform.GetID())
+    before = slicer.util.arrayFromVolume(t1).copy()
+    logic = module.DiffusionMICLogic()
+    out = logic.denoise(t1, model=models["denoise"], steps=2)
+    assert out.IsA("vtkMRMLScalarVolumeNode") and out is not t1 and out.GetScene() is slicer.mrmlScene
+    assert out.GetName() == "T1_denoised"
+    assert out.GetImageData().GetDimensions() == t1.GetImageData().GetDimensions()
+    assert np.array_equal(mrml.ijkToRAS(out), mrml.ijkToRAS(t1))          # identical, not just close
+    assert out.GetTransformNodeID() == transform.GetID()
+    assert sh_parent(out) == sh_parent(t1) != 0                          # beside the input
+    array = slicer.util.arrayFromVolume(out)
+    assert np.isfinite(array).all() and array.dtype == np.float32 and not np.array_equal(array, before)
+    assert abs(float(array.mean()) - float(before.mean())) < 0.5 * float(before.mean())   # input's units
+    assert np.array_equal(slicer.util.arrayFromVolume(t1), before)     # input untouched
+    assert out.GetAttribute("DiffusionMIC.task") == "denoise"
+    assert out.GetNodeReference("DiffusionMIC.input") is t1
+    assert json.loads(out.GetAttribute("DiffusionMIC.run"))["steps"] == 2
+    assert logic.lastResult.outputNode is out
+
+
+def test_denoise_nonblocking_progress_into_existing_output(phantom, models):
+    _, arrays = phantom
+    t1 = add_volume(crop(arrays["T1"]), "T1")
+    existing = add_volume(np.zeros((2, 3, 4), np.float32), "my output", matrix=np.diag([2.0, 2.0, 2.0, 1.0]))
+    count = node_count()
+    progress, finished, errors = [], [], []
+    job = module.DiffusionMICLogic().start(
+        "denoise", [t1], models["denoise"], outputNode=existing, steps=3, seed=1,
+        onProgress=lambda j: progress.append((j.fraction, j.status)),
+        onFinished=finished.append, onError=errors.append)
+    assert job.state == "running" and os.path.isfile(os.path.join(job.tempDir, "input0.nrrd"))
+    assert node_count() == count                       # nothing in the scene while it runs
+    poll_until(job)
+    assert job.state == "finished" and not errors and len(finished) == 1
+    assert finished[0].outputNode is existing and node_count() == count
+    assert existing.GetImageData().GetDimensions() == t1.GetImageData().GetDimensions()
+    assert np.array_equal(mrml.ijkToRAS(existing), mrml.ijkToRAS(t1))
+    fractions = [f for f, _ in progress]
+    assert fractions and fractions[-1] == 1.0 and fractions == sorted(fractions)
+    assert any("step" in status for _, status in progress)
+    assert not os.path.exists(job.tempDir)              # the temporary folder is removed
+    assert job.poll() is True and len(finished) == 1    # polling again does nothing
+
+
+def test_failing_backend_leaves_no_node_and_says_why(phantom):
+    _, arrays = phantom
+    t1 = add_volume(crop(arrays["T1"]), "T1")
+    count = node_count()
+    job = module.DiffusionMICLogic().start("denoise", [t1], "no-such-model-xyz")
+    with pytest.raises(BackendError) as raised:
+        job.wait(timeout=TIMEOUT)
+    assert str(raised.value) == "diffusion-mic: error: no model folder or catalog entry named 'no-such-model-xyz'"
+    assert node_count() == count and job.state == "failed"
+    assert not os.path.exists(job.tempDir)
+
+
+def test_cancel_real_backend_leaves_scene_unchanged(phantom, models):
+    _, arrays = phantom
+    t1 = add_volume(crop(arrays["T1"]), "T1")
+    count = node_count()
+    finished = []
+    job = module.DiffusionMICLogic().start("denoise", [t1], models["denoise"], steps=1000,
+                                           onFinished=finished.append, onError=finished.append)
+    time.sleep(1.0)
+    assert job.poll() is False
+    pid = job.process.pid
+    job.cancel()
+    assert job.state == "cancelled" and not finished
+    assert not _alive(pid) and not _group_members(pid)
+    assert node_count() == count and not os.path.exists(job.tempDir)
+    with pytest.raises(module.DiffusionMICCancelled):
+        job.wait()
+
+
+# ---- fake backend: process handling --------------------------------------------------------
+
+def test_cancel_kills_the_process_group(fake, phantom):
+    logic, models = fake
+    _, arrays = phantom
+    t1 = add_volume(crop(arrays["T1"]), "T1")
+    count = node_count()
+    job = logic.start("denoise", [t1], str(models / "slow"))
+    pids = models / "slow" / "pids.json"
+    poll_until(job, lambda: job.fraction > 0 and pids.exists(), timeout=60)
+    assert job.state == "running"
+    ids = json.loads(pids.read_text())
+    assert _alive(ids["backend"]) and _alive(ids["child"])
+    job.cancel()
+    deadline = time.monotonic() + 10
+    while (_alive(ids["child"]) or _group_members(job.process.pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(ids["backend"]) and not _alive(ids["child"]) and not _group_members(job.process.pid)
+    assert node_count() == count and job.state == "cancelled" and not os.path.exists(job.tempDir)
+
+
+def test_backend_error_is_its_last_stderr_line(fake, phantom):
+    logic, models = fake
+    t1 = add_volume(crop(phantom[1]["T1"]), "T1")
+    count = node_count()
+    with pytest.raises(BackendError, match=r"^diffusion-mic: error: the fake model cannot run on this input$"):
+        logic.denoise(t1, model=str(models / "fail"))
+    assert node_count() == count
+
+
+def test_output_off_the_input_grid_is_refused(fake, phantom):
+    logic, models = fake
+    t1 = add_volume(crop(phantom[1]["T1"]), "T1")
+    count = node_count()
+    with pytest.raises(mrml.SceneError, match="not on the input's voxel grid"):
+        logic.denoise(t1, model=str(models / "offgrid"))
+    assert node_count() == count
+
+
+def test_bad_requests_fail_before_starting(phantom, models):
+    t1 = add_volume(crop(phantom[1]["T1"]), "T1")
+    seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    logic = module.DiffusionMICLogic()
+    count = node_count()
+    with pytest.raises(ValueError, match="unknown task"):
+        logic.start("sharpen", [t1], models["denoise"])
+    with pytest.raises(ValueError, match="choose a denoise model"):
+        logic.start("denoise", [t1], "")
+    with pytest.raises(ValueError, match="needs input"):
+        logic.start("denoise", [], models["denoise"])
+    with pytest.raises(ValueError, match="must be a vtkMRMLScalarVolumeNode"):
+        logic.start("denoise", [t1], models["denoise"], outputNode=seg)
+    with pytest.raises(ValueError, match="one of the inputs"):
+        logic.start("denoise", [t1], models["denoise"], outputNode=t1)
+    with pytest.raises(ValueError, match="sampler"):
+        logic.start("denoise", [t1], models["denoise"], sampler="euler")
+    assert node_count() == count
+
+
+# ---- real backend: the other tasks, run side by side -------------------------------------------
+
+@pytest.fixture(scope="module")
+def task_runs(phantom, models):
+    """translate, segment, anomaly and generate started together (non-blocking), then polled."""
+    from DiffusionMICLib.tasks import TASKS
+    scene = slicer.vtkMRMLScene()
+    slicer.mrmlScene = scene
+    for layout in ("Red", "Yellow"):   # slice views, as Slicer's layout makes them
+        composite = slicer.vtkMRMLSliceCompositeNode()
+        composite.SetLayoutName(layout)
+        scene.AddNode(composite)
+    _, arrays = phantom
+    nodes = {name: add_volume(crop(arrays[name]), name) for name in ("T1", "T2", "FLAIR")}
+    logic = module.DiffusionMICLogic()
+    read = {}   # what the Logic read from the backend's files (removed afterwards), by output name
+    original = mrml.readVolume
+
+    def spy(path, *args, **kwargs):
+        node = original(path, *args, **kwargs)
+        read[os.path.basename(path)] = slicer.util.arrayFromVolume(node).copy()
+        return node
+    requests = {"translate": ([nodes["T1"], nodes["T2"]], {}),
+                "segment": ([nodes["T1"], nodes["FLAIR"]], {"ensemble": 2}),
+                "anomaly": ([nodes["FLAIR"]], {}),
+                "generate": ([], {"count": 2})}
+    jobs, results = {}, {}
+    for task, (inputs, options) in requests.items():
+        if task in TASKS and task in models:
+            jobs[task] = logic.start(task, inputs, models[task], steps=2, show=task == "anomaly",
+                                     onFinished=lambda r, t=task: results.__setitem__(t, r), **options)
+    deadline = time.monotonic() + TIMEOUT
+    mrml.readVolume = spy
+    try:
+        while not all([job.poll() for job in list(jobs.values())]):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        mrml.readVolume = original
+    errors = {t: j.error for t, j in jobs.items() if j.state != "finished"}
+    return {"scene": scene, "nodes": nodes, "results": results, "errors": errors, "logic": logic, "read": read}
+
+
+def _task_result(task_runs, task):
+    if task not in task_runs["results"] and task not in task_runs["errors"]:
+        pytest.skip(f"the library has no {task} task yet")
+    assert task not in task_runs["errors"], task_runs["errors"].get(task)
+    slicer.mrmlScene = task_runs["scene"]
+    return task_runs["results"][task]
+
+
+def test_translate_real_backend(task_runs):
+    result = _task_result(task_runs, "translate")
+    t1 = task_runs["nodes"]["T1"]
+    out = result.outputNode
+    assert out.GetName() == "T1_to_FLAIR" and out.IsA("vtkMRMLScalarVolumeNode")
+    assert np.array_equal(mrml.ijkToRAS(out), mrml.ijkToRAS(t1))
+    assert out.GetImageData().GetDimensions() == t1.GetImageData().GetDimensions()
+    assert sh_parent(out) == sh_parent(t1)
+    assert np.isfinite(slicer.util.arrayFromVolume(out)).all()
+
+
+def test_segment_real_backend(task_runs, models):
+    result = _task_result(task_runs, "segment")
+    t1 = task_runs["nodes"]["T1"]
+    seg = result.outputNode
+    card = json.loads(Path(models["segment"], "model.json").read_text())
+    names = {n for n, v in card["labels"].items() if v != 0}
+    assert seg.IsA("vtkMRMLSegmentationNode") and seg.GetName() == "T1_segmentation"
+    assert seg.GetDisplayNode() is not None
+    got = mrml.segmentNames(seg)
+    assert got and set(got) <= names                       # named from the card's labels
+    segmentation = seg.GetSegmentation()
+    for i in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(i)
+        assert segment.GetColor() == pytest.approx(mrml.NAMED_COLOURS[segment.GetName().lower()])
+        assert card["labels"][segment.GetName()] == mrml.segmentLabelValue(segment, i)
+    # The segments hold exactly the backend's label map, on the input's grid.
+    labels = task_runs["read"][os.path.basename(result.info["outputs"]["output"])]
+    assert np.array_equal(mrml.labelArrayFromSegmentation(seg, t1), labels.astype(np.int16))
+    uncertainty = result.nodes["uncertainty"]
+    assert uncertainty.GetName() == "T1_segmentation_uncertainty"
+    assert np.array_equal(mrml.ijkToRAS(uncertainty), mrml.ijkToRAS(t1))
+    assert seg.GetNodeReference("DiffusionMIC.uncertainty") is uncertainty
+    assert sh_parent(seg) == sh_parent(uncertainty) == sh_parent(t1)
+
+
+def test_anomaly_real_backend(task_runs):
+    result = _task_result(task_runs, "anomaly")
+    flair = task_runs["nodes"]["FLAIR"]
+    amap = result.outputNode
+    assert amap.GetName() == "FLAIR_anomaly_map"
+    assert np.array_equal(mrml.ijkToRAS(amap), mrml.ijkToRAS(flair))
+    mask = result.nodes["mask"]
+    assert mask.IsA("vtkMRMLSegmentationNode") and mrml.segmentNames(mask) == ["anomaly"]
+    assert amap.GetNodeReference("DiffusionMIC.mask") is mask
+    score = result.info["score"]
+    assert isinstance(score, float) and float(amap.GetAttribute("DiffusionMIC.score")) == score
+    display = amap.GetDisplayNode()
+    assert display.GetApplyThreshold() and display.GetLowerThreshold() == pytest.approx(result.info["threshold"])
+    for layout in ("Red", "Yellow"):                     # a coloured overlay on the input
+        composite = mrml.sliceCompositeNode(layout)
+        assert composite.GetBackgroundVolumeID() == flair.GetID()
+        assert composite.GetForegroundVolumeID() == amap.GetID() and composite.GetForegroundOpacity() == 0.5
+    expected = task_runs["read"][os.path.basename(result.info["outputs"]["mask"])] > 0
+    assert np.array_equal(mrml.labelArrayFromSegmentation(mask, flair) > 0, expected)
+
+
+def test_generate_real_backend(task_runs, models):
+    result = _task_result(task_runs, "generate")
+    generated = list(result.nodes.values())
+    assert len(generated) == 2 and result.outputNode is generated[0]
+    card = json.loads(Path(models["generate"], "model.json").read_text())
+    assert [n.GetName() for n in generated] == [f"{card['name']}_generated_T1_1", f"{card['name']}_generated_T1_2"]
+    from DiffusionMICLib.volume import Geometry
+    grid = Geometry.from_dict(card["grid"])
+    for node in generated:
+        assert node.GetImageData().GetDimensions() == tuple(grid.size)
+        np.testing.assert_allclose(mrml.ijkToRAS(node), grid.ras_affine(), atol=1e-6)
+        assert sh_parent(node) == slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(
+            slicer.mrmlScene).GetSceneItemID()
+
+
+# ---- compare ---------------------------------------------------------------------------------
+
+def test_compare_real_metrics_into_table(phantom, tmp_path):
+    from DiffusionMICLib.metrics import image_metrics
+    from DiffusionMICLib.volume import read_volume
+    _, arrays = phantom
+    noisy = add_volume(crop(arrays["T1"]), "T1")
+    clean = add_volume(crop(arrays["T1 clean"]), "T1 clean")
+    mask = add_volume((crop(arrays["labels"]) > 0).astype(np.uint8), "brain", className="vtkMRMLLabelMapVolumeNode")
+    table = module.DiffusionMICLogic().compare(noisy, clean, task="denoise", maskNode=mask)
+    assert table.IsA("vtkMRMLTableNode") and table.GetName() == "T1_vs_T1 clean_metrics"
+    rows = mrml.tableRows(table)
+    assert len(rows) == 1 and rows[0]["Result"] == "T1" and rows[0]["Reference"] == "T1 clean"
+    assert rows[0]["Mask"] == "brain" and rows[0]["Task"] == "denoise"
+    # The same numbers as the library computes on the same voxels (written by MRML, read by SimpleITK).
+    files = {name: mrml.writeVolume(node, str(tmp_path / f"{name}.nrrd"))
+             for name, node in (("pred", noisy), ("ref", clean), ("mask", mask))}
+    expected = image_metrics(read_volume(files["pred"]), read_volume(files["ref"]), read_volume(files["mask"]))
+    for key, value in expected.items():
+        assert float(rows[0][key]) == pytest.approx(value, rel=1e-5), key
+    assert sh_parent(table) == sh_parent(noisy)
+
+
+def test_compare_segmentation_keeps_label_values_and_appends_rows(fake, phantom):
+    logic, _ = fake
+    _, arrays = phantom
+    labels = crop(arrays["labels"])
+    t1 = add_volume(crop(arrays["T1"]), "T1")
+    reference = add_volume(labels, "truth", className="vtkMRMLLabelMapVolumeNode")
+    staging = mrml.Staging()
+    seg = mrml.commitSegmentation(staging, mrml.volumeFromArray(labels, t1), "T1_segmentation", t1,
+                                  {"background": 0, "CSF": 1, "GM": 2, "WM": 3, "lesion": 4})
+    seg.SetAttribute("DiffusionMIC.task", "segment")
+    seg.SetNodeReferenceID("DiffusionMIC.input", t1.GetID())
+    table = logic.compare(seg, reference)
+    values = sorted(int(v) for v in np.unique(labels))
+    row = mrml.tableRows(table)[0]
+    assert row["Task"] == "segment" and float(row["dice/CSF"]) == 0.5 and float(row["dice/GM"]) == 0.25
+    assert "note" not in row and "pred_values" not in row      # lists and text are not table cells
+    assert logic.lastResult.info["pred_values"] == values == logic.lastResult.info["ref_values"]
+    # A segmentation as reference: values follow the result's segment names.
+    again = logic.compare(seg, seg, tableNode=table, inputNode=t1)
+    assert again is table and table.GetNumberOfRows() == 2
+    assert logic.lastResult.info["ref_values"] == values
+
+
+def test_side_by_side_links_the_views(phantom):
+    scene = slicer.mrmlScene
+    layout = slicer.vtkMRMLLayoutNode()
+    scene.AddNode(layout)
+    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)   # as Slicer's application does
+    for name in ("Red", "Yellow"):
+        slice_node = scene.CreateNodeByClass("vtkMRMLSliceNode")
+        slice_node.UnRegister(None)
+        slice_node.SetLayoutName(name)
+        slice_node.SetOrientation("Axial" if name == "Red" else "Sagittal")
+        scene.AddNode(slice_node)
+        composite = slicer.vtkMRMLSliceCompositeNode()
+        composite.SetLayoutName(name)
+        scene.AddNode(composite)
+    _, arrays = phantom
+    t1 = add_volume(crop(arrays["T1"]), "T1")
+    result = add_volume(crop(arrays["T1 clean"]), "T1_denoised")
+    logic = module.DiffusionMICLogic()
+    logic.showSideBySide(t1, result)
+    assert layout.GetViewArrangement() == slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView
+    red, yellow = mrml.sliceCompositeNode("Red"), mrml.sliceCompositeNode("Yellow")
+    assert red.GetBackgroundVolumeID() == t1.GetID() and yellow.GetBackgroundVolumeID() == result.GetID()
+    assert red.GetLinkedControl() and yellow.GetLinkedControl() and red.GetHotLinkedControl()
+    assert mrml.sliceNode("Yellow").GetOrientation() == "Axial"
+    # A segmentation result: drawn over the input in the right view only.
+    seg = mrml.commitSegmentation(mrml.Staging(), mrml.volumeFromArray(crop(arrays["labels"]), t1), "seg", t1,
+                                  {"CSF": 1, "GM": 2, "WM": 3})
+    logic.showSideBySide(t1, seg)
+    assert yellow.GetBackgroundVolumeID() == t1.GetID()
+    views = [seg.GetDisplayNode().GetNthViewNodeID(i) for i in range(seg.GetDisplayNode().GetNumberOfViewNodeIDs())]
+    assert views == [mrml.sliceNode("Yellow").GetID()]
+
+
+# ---- sample data -------------------------------------------------------------------------------
+
+def test_phantom_sample_data_is_simulated_locally():
+    nodes = module.DiffusionMICLogic().loadPhantom(seed=3)
+    names = [n.GetName() for n in nodes]
+    assert names == ["DiffusionMIC phantom T1", "DiffusionMIC phantom T2", "DiffusionMIC phantom PD",
+                     "DiffusionMIC phantom FLAIR", "DiffusionMIC phantom T1 clean", "DiffusionMIC phantom labels"]
+    assert nodes[-1].IsA("vtkMRMLLabelMapVolumeNode")
+    assert set(np.unique(slicer.util.arrayFromVolume(nodes[-1]))) <= {0, 1, 2, 3, 4}
+    t1 = nodes[0]
+    for node in nodes[1:]:
+        assert np.array_equal(mrml.ijkToRAS(node), mrml.ijkToRAS(t1))
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    assert {sh_parent(n) for n in nodes} == {sh.GetItemChildWithName(sh.GetSceneItemID(), "DiffusionMIC brain phantom")}
+    assert json.loads(t1.GetAttribute("DiffusionMIC.phantom"))["seed"] == 3
+
+
+def test_self_test_class_is_defined_for_slicer():
+    """DiffusionMICTest runs inside Slicer; here: it exists and names the Logic it exercises."""
+    source = (MODULE_DIR / "DiffusionMIC.py").read_text()
+    tree = ast.parse(source)
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    test = classes["DiffusionMICTest"]
+    assert [b.id for b in test.bases] == ["ScriptedLoadableModuleTest"]
+    body = ast.get_source_segment(source, test)
+    for call in ("loadPhantom", "denoise(", "compare(", "showSideBySide", "segment(", "translate(", "anomaly(",
+                 "generate(", "cancel()"):
+        assert call in body, call
