@@ -14,7 +14,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Annotated, Optional, Union
+from typing import Annotated, Union
 
 import numpy as np
 import vtk
@@ -223,8 +223,8 @@ class DiffusionMICParameterNode:
     anomalyOutput: vtkMRMLScalarVolumeNode
 
     compareInput: vtkMRMLScalarVolumeNode
-    compareResult: Union[vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode]
-    compareReference: Union[vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode]
+    compareResult: Union[vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, None]
+    compareReference: Union[vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, None]
     compareMask: vtkMRMLScalarVolumeNode
     compareTask: Annotated[str, Choice(["auto", *TASKS])] = "auto"
     compareTable: vtkMRMLTableNode
@@ -275,6 +275,7 @@ class DiffusionMICWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._widget(task, "ModelComboBox").connect(
                 "currentIndexChanged(int)", lambda index, t=task: self.onModelSelected(t))
             self._widget(task, "ProgressBar").hide()
+        self.ui.generateConditionComboBox.connect("currentIndexChanged(int)", self.onConditionSelected)
         self.ui.compareShowButton.connect("clicked(bool)", self.onShowSideBySide)
         self.ui.compareMetricsButton.connect("clicked(bool)", self.onComputeMetrics)
         self.ui.compareProgressBar.hide()
@@ -395,6 +396,10 @@ class DiffusionMICWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for key, value in self.logic.cardDefaults(model).items():
                 self._parameterNode.setValue(f"{task}.{key}", value)
 
+    def onConditionSelected(self, index) -> None:
+        if self._parameterNode and not self._updatingModels:
+            self._parameterNode.generateCondition = self.ui.generateConditionComboBox.currentData or ""
+
     def _showModel(self, task) -> None:
         """Selector, tooltip, input labels and condition choices for the parameter node's model."""
         model = getattr(self._parameterNode, f"{task}Model")
@@ -428,8 +433,9 @@ class DiffusionMICWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 for name in classes:
                     conditions.addItem(name, name)
                 conditions.blockSignals(False)
-            i = conditions.findData(self._parameterNode.generateCondition or "")
-            conditions.currentIndex = max(i, 0)
+            conditions.blockSignals(True)
+            conditions.currentIndex = max(conditions.findData(self._parameterNode.generateCondition or ""), 0)
+            conditions.blockSignals(False)
             conditions.enabled = bool(classes)
             return
         names = list((card or {}).get("inputs") or [])
@@ -1119,9 +1125,12 @@ class DiffusionMICLogic(ScriptedLoadableModuleLogic):
             try:
                 table = tableNode or staging.add("vtkMRMLTableNode",
                                                  f"{resultNode.GetName()}_vs_{referenceNode.GetName()}_metrics")
+                flat = mrml.flattenMetrics(metrics)
+                if valueOf:   # per-label metrics are keyed by label value: name them after the segments
+                    names = {str(v): n for n, v in valueOf.items()}
+                    flat = {mrml.nameLabelColumn(k, names): v for k, v in flat.items()}
                 mrml.addMetricsRow(table, {"Result": resultNode.GetName(), "Reference": referenceNode.GetName(),
-                                           "Mask": maskNode.GetName() if maskNode else "", "Task": task},
-                                   mrml.flattenMetrics(metrics))
+                                           "Mask": maskNode.GetName() if maskNode else "", "Task": task}, flat)
                 table.SetAttribute(ATTRIBUTE + "task", task)
                 mrml.placeBeside(table, resultNode)
             except BaseException:
@@ -1230,6 +1239,15 @@ class DiffusionMICTest(ScriptedLoadableModuleTest):
 
     TINY = {"network": {"channels": [16, 32], "attention_levels": [False, False], "norm_num_groups": 16},
             "patch": [48, 48], "train": {"batch_size": 4}}
+    # Per task: small, quick settings (a small grid for generate; a fixed anomaly threshold skips
+    # the threshold calibration after training).
+    TASK_SETTINGS = {
+        "translate": {"task": {"inputs": ["T1", "T2"], "output": "FLAIR"}},
+        "segment": {"task": {"inputs": ["T1", "FLAIR"]}},
+        "anomaly": {"task": {"channels": ["FLAIR"], "threshold": 1.0}},
+        "generate": {"grid": {"size": [16, 16, 8], "spacing": [4.0, 4.0, 4.0], "origin": [30.0, 30.0, -10.0],
+                              "direction": [-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0]}},
+    }
 
     def setUp(self):
         slicer.mrmlScene.Clear(0)
@@ -1246,7 +1264,7 @@ class DiffusionMICTest(ScriptedLoadableModuleTest):
             if logic.modelCard(entry["name"]) is not None:
                 return entry["name"]
         out = os.path.join(workDir, f"model-{task}")
-        job = logic.startTrain(task, phantomDir, out, maxSteps=5, config=self.TINY)
+        job = logic.startTrain(task, phantomDir, out, maxSteps=5, config={**self.TINY, **self.TASK_SETTINGS.get(task, {})})
         try:
             job.wait()
         except BackendError as e:
@@ -1263,7 +1281,8 @@ class DiffusionMICTest(ScriptedLoadableModuleTest):
         logic = DiffusionMICLogic()
         nodes = {n.GetName(): n for n in logic.loadPhantom(seed=0)}
         t1 = nodes["DiffusionMIC phantom T1"]
-        self.assertEqual(t1.GetImageData().GetDimensions()[0] > 10, True)
+        self.assertIsNotNone(t1.GetImageData())
+        self.assertTrue(nodes["DiffusionMIC phantom labels"].IsA("vtkMRMLLabelMapVolumeNode"))
         workDir = tempfile.mkdtemp(prefix="DiffusionMICTest-")
         phantomJob = logic._startJob("phantom-data", lambda folder: ["phantom", os.path.join(workDir, "data"),
                                                                      "--subjects", 1, "--progress", "json"],

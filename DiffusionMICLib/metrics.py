@@ -198,18 +198,23 @@ def _normalised_foreground(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return a / (scale if scale > 0 else 1.0), fg
 
 
-def _kmeans1d(v: np.ndarray, k: int = 3, iterations: int = 50) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted 1D k-means centres (started at evenly spaced quantiles) and the class fractions."""
+def _kmeans1d(v: np.ndarray, k: int = 3, iterations: int = 100, bins: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted 1D k-means centres (started at evenly spaced quantiles) and the class fractions,
+    computed on a fine histogram of the values (weighted k-means on the bin centres)."""
+    counts, edges = np.histogram(v, bins=bins)
+    x = (edges[:-1] + edges[1:]) / 2
     centres = np.quantile(v, (np.arange(k) + 0.5) / k)
     for _ in range(iterations):
-        assign = np.argmin(np.abs(v[:, None] - centres[None]), axis=1)
-        new = np.array([v[assign == j].mean() if np.any(assign == j) else centres[j] for j in range(k)])
+        assign = np.argmin(np.abs(x[:, None] - centres[None]), axis=1)
+        weight = np.bincount(assign, counts, minlength=k)
+        new = np.where(weight > 0, np.bincount(assign, counts * x, minlength=k) / np.maximum(weight, 1), centres)
         if np.allclose(new, centres):
             break
         centres = new
+    assign = np.argmin(np.abs(x[:, None] - centres[None]), axis=1)
+    fractions = np.bincount(assign, counts, minlength=k) / counts.sum()
     order = np.argsort(centres)
-    assign = np.argmin(np.abs(v[:, None] - centres[None]), axis=1)
-    return centres[order], np.bincount(assign, minlength=k)[order] / v.size
+    return centres[order], fractions[order]
 
 
 def _pairwise_similarity(arrays: list[np.ndarray]) -> tuple[str, float | None]:

@@ -308,6 +308,14 @@ def flattenMetrics(metrics, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def nameLabelColumn(key: str, names: dict[str, str]) -> str:
+    """"labels/2/dice" -> "GM/dice" when label value 2 is the segment "GM"."""
+    parts = key.split("/")
+    if len(parts) == 3 and parts[0] == "labels" and parts[1] in names:
+        return f"{names[parts[1]]}/{parts[2]}"
+    return key
+
+
 def addMetricsRow(table, texts: dict[str, str], metrics: dict[str, float]) -> int:
     """Append one row (Result, Reference, Mask, Task, then one column per metric) to a table
     node; columns it lacks are added (NaN in earlier rows). Returns the row index."""

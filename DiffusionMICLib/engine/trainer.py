@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -35,6 +36,7 @@ class TrainConfig:
     seed: int = 0
     amp: bool = True                # bf16 autocast on CPU/CUDA where supported
     checkpoint_every: int = 200
+    time_limit_s: float | None = None   # stop early after this much training time (demo, smoke runs)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -132,7 +134,10 @@ class Trainer:
         torch.manual_seed(self.config.seed)
         self.network.train()
         losses = []
+        t0 = time.perf_counter()
         while self.step < self.config.max_steps:
+            if self.config.time_limit_s is not None and time.perf_counter() - t0 > self.config.time_limit_s:
+                break
             if cancel is not None and cancel():
                 raise Cancelled("cancelled")
             loss = self.loss(next(batches))

@@ -12,6 +12,7 @@ its Otsu foreground, 99.5 by default) maps to 1.0.
 
 Output: the synthetic modality on the input's exact grid, in the training data's normalised scale
 (about [0, 1]: the target's 99.5th foreground percentile is 1.0), 0 outside the inputs' foreground.
+`--ensemble N` averages N draws (seeds seed, seed+1, ...); `--strength` has no meaning here and is ignored.
 """
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ from ..volume import Volume
 from .base import RunOptions, RunResult, Task
 
 NORMALISATION = {"method": "percentile", "percentile": 99.5, "value": 1.0}
+# x0 ("sample") prediction and Fast-DDPM training on the 10 timesteps the default 10-step sampler
+# visits (so --steps 1, 2, 5 and 10 all use trained timesteps): on the phantom, 100 training steps
+# of the tiny network reach 25.1 dB PSNR this way, 22.5 dB with v prediction (copying T1: 18.7 dB).
+SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "sample", "train_steps": 10}
 
 
 def input_mask(arrays: np.ndarray) -> np.ndarray:
@@ -73,8 +78,7 @@ class Translate(Task):
             inputs=inputs, outputs=[output],
             description=settings.get("description", f"Conditional diffusion: {' + '.join(inputs)} -> {output}."),
             network=network_config(1 + len(inputs), 1, **settings.get("network", {})),
-            schedule={"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "v_prediction",
-                      **settings.get("schedule", {})},
+            schedule={**SCHEDULE, **settings.get("schedule", {})},
             normalisation={**NORMALISATION, **settings.get("normalisation", {})},
             patch=settings.get("patch", [64, 64]),
             sampler={"name": "dpm++2m", "steps": 10, **settings.get("sampler", {})},

@@ -109,18 +109,19 @@ def test_msd_layout_trains(phantom_dir, tmp_path):
     assert card.training["steps"] == 2 and card.labels == LABELS and card.network["in_channels"] == 5 + 2
 
 
-# Measured on 2 busy CPU cores: enough to segment CSF/GM/WM far better than an empty mask.
-LEARN = {"task": {"inputs": ["T1", "T2"]}, "schedule": {"train_steps": 10},
+# The card's schedule (x0 prediction, Fast-DDPM) with a high learning rate and a short EMA:
+# LEARN_STEPS steps (about a minute on two CPU cores) segment CSF/GM/WM far better than an empty mask.
+LEARN = {"task": {"inputs": ["T1", "T2"]},
          "train": {"batch_size": 8, "lr": 1e-3, "ema_decay": 0.9, "ema_start": 20, "amp": False,
                    "checkpoint_every": 10_000}}
-LEARN_STEPS = 150
+LEARN_STEPS = 60
 
 
 def test_learns_to_beat_an_empty_mask(phantom_dir, heldout_dir, tmp_path):
     t0 = time.perf_counter()
     train("segment", phantom_dir, tmp_path / "model", max_steps=LEARN_STEPS, settings=tiny_settings_for(LEARN),
           device="cpu")
-    z = (36, 48)
+    z = (38, 50)
     vols = [sub_volume(image(heldout_dir, "phantom_000", c), z) for c in ("T1", "T2")]
     ref = sub_volume(read_volume(heldout_dir / "labelsTr" / "phantom_000.nii.gz"), z)
     seg = dmic.segment(vols, tmp_path / "model", device="cpu").outputs["output"]

@@ -301,7 +301,10 @@ def test_ui_file_matches_parameter_node_and_widget():
         kinds = {type(e).__name__ for e in extras}
         if cls == "qMRMLNodeComboBox":
             types = [s.text for s in prop(w, "nodeTypes").find("stringlist")]
-            wanted = [t.__name__ for t in (get_args(base) if get_origin(base) is Union else (base,))]
+            wanted = [t.__name__ for t in (get_args(base) if get_origin(base) is Union else (base,))
+                      if t is not type(None)]
+            if get_origin(base) is Union:   # the wrapper needs None in a Union of node types
+                assert type(None) in get_args(base), name
             assert sorted(types) == sorted(wanted), name
         elif cls == "QComboBox":
             assert base is str and "Choice" in kinds, name
@@ -364,7 +367,7 @@ def test_catalog_reader_agrees_with_library(tmp_path, monkeypatch, models):
 
 
 def test_requirements_cover_the_library_dependencies():
-    import tomllib
+    tomllib = pytest.importorskip("tomllib")
     declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     name = lambda r: re.match(r"[A-Za-z0-9._-]+", r).group(0).lower()  # noqa: E731
     listed = {name(r) for r in catalog.readRequirements(REPO / "Resources" / "requirements.txt")}
@@ -409,30 +412,6 @@ def test_denoise_blocking_keeps_geometry_and_places_beside_input(phantom, models
     assert out.GetNodeReference("DiffusionMIC.input") is t1
     assert json.loads(out.GetAttribute("DiffusionMIC.run"))["steps"] == 2
     assert logic.lastResult.outputNode is out
-
-
-def test_denoise_nonblocking_progress_into_existing_output(phantom, models):
-    _, arrays = phantom
-    t1 = add_volume(crop(arrays["T1"]), "T1")
-    existing = add_volume(np.zeros((2, 3, 4), np.float32), "my output", matrix=np.diag([2.0, 2.0, 2.0, 1.0]))
-    count = node_count()
-    progress, finished, errors = [], [], []
-    job = module.DiffusionMICLogic().start(
-        "denoise", [t1], models["denoise"], outputNode=existing, steps=3, seed=1,
-        onProgress=lambda j: progress.append((j.fraction, j.status)),
-        onFinished=finished.append, onError=errors.append)
-    assert job.state == "running" and os.path.isfile(os.path.join(job.tempDir, "input0.nrrd"))
-    assert node_count() == count                       # nothing in the scene while it runs
-    poll_until(job)
-    assert job.state == "finished" and not errors and len(finished) == 1
-    assert finished[0].outputNode is existing and node_count() == count
-    assert existing.GetImageData().GetDimensions() == t1.GetImageData().GetDimensions()
-    assert np.array_equal(mrml.ijkToRAS(existing), mrml.ijkToRAS(t1))
-    fractions = [f for f, _ in progress]
-    assert fractions and fractions[-1] == 1.0 and fractions == sorted(fractions)
-    assert any("step" in status for _, status in progress)
-    assert not os.path.exists(job.tempDir)              # the temporary folder is removed
-    assert job.poll() is True and len(finished) == 1    # polling again does nothing
 
 
 def test_failing_backend_leaves_no_node_and_says_why(phantom):
@@ -524,11 +503,12 @@ def test_bad_requests_fail_before_starting(phantom, models):
     assert node_count() == count
 
 
-# ---- real backend: the other tasks, run side by side -------------------------------------------
+# ---- real backend: all five panels running at once (non-blocking), as in the GUI -----------------
 
 @pytest.fixture(scope="module")
 def task_runs(phantom, models):
-    """translate, segment, anomaly and generate started together (non-blocking), then polled."""
+    """translate, segment, anomaly, generate, denoise (into an existing node) and the phantom
+    sample data started together, then polled as the GUI's timer does."""
     from DiffusionMICLib.tasks import TASKS
     scene = slicer.vtkMRMLScene()
     slicer.mrmlScene = scene
@@ -538,13 +518,14 @@ def task_runs(phantom, models):
         scene.AddNode(composite)
     _, arrays = phantom
     nodes = {name: add_volume(crop(arrays[name]), name) for name in ("T1", "T2", "FLAIR")}
+    nodes["existing"] = add_volume(np.zeros((2, 3, 4), np.float32), "my output", matrix=np.diag([2.0, 2.0, 2.0, 1.0]))
     logic = module.DiffusionMICLogic()
     read = {}   # what the Logic read from the backend's files (removed afterwards), by output name
     original = mrml.readVolume
 
     def spy(path, *args, **kwargs):
         node = original(path, *args, **kwargs)
-        read[os.path.basename(path)] = slicer.util.arrayFromVolume(node).copy()
+        read[str(path)] = slicer.util.arrayFromVolume(node).copy()
         return node
     requests = {"translate": ([nodes["T1"], nodes["T2"]], {}),
                 "segment": ([nodes["T1"], nodes["FLAIR"]], {"ensemble": 2}),
@@ -555,6 +536,15 @@ def task_runs(phantom, models):
         if task in TASKS and task in models:
             jobs[task] = logic.start(task, inputs, models[task], steps=2, show=task == "anomaly",
                                      onFinished=lambda r, t=task: results.__setitem__(t, r), **options)
+    count = node_count()
+    progress, finished, failed = [], [], []
+    jobs["denoise"] = logic.start("denoise", [nodes["T1"]], models["denoise"], outputNode=nodes["existing"], steps=3,
+                                  seed=1, show=False, onProgress=lambda j: progress.append((j.fraction, j.status)),
+                                  onFinished=finished.append, onError=failed.append)
+    jobs["phantom"] = logic.startPhantom(seed=3, onFinished=lambda r: results.__setitem__("phantom", r))
+    denoise = {"job": jobs["denoise"], "progress": progress, "finished": finished, "failed": failed,
+               "started": os.path.isfile(os.path.join(jobs["denoise"].tempDir, "input0.nrrd")),
+               "nodes while running": node_count() - count}
     deadline = time.monotonic() + TIMEOUT
     mrml.readVolume = spy
     try:
@@ -563,8 +553,10 @@ def task_runs(phantom, models):
             time.sleep(0.05)
     finally:
         mrml.readVolume = original
-    errors = {t: j.error for t, j in jobs.items() if j.state != "finished"}
-    return {"scene": scene, "nodes": nodes, "results": results, "errors": errors, "logic": logic, "read": read}
+    errors = {t: j.error for t, j in jobs.items() if j.state != "finished" and t != "denoise"}
+    assert "phantom" not in errors, errors.get("phantom")
+    return {"scene": scene, "nodes": nodes, "results": results, "errors": errors, "logic": logic, "read": read,
+            "denoise": denoise}
 
 
 def _task_result(task_runs, task):
@@ -573,6 +565,23 @@ def _task_result(task_runs, task):
     assert task not in task_runs["errors"], task_runs["errors"].get(task)
     slicer.mrmlScene = task_runs["scene"]
     return task_runs["results"][task]
+
+
+def test_denoise_nonblocking_progress_into_existing_output(task_runs):
+    slicer.mrmlScene = task_runs["scene"]
+    run = task_runs["denoise"]
+    job, t1, existing = run["job"], task_runs["nodes"]["T1"], task_runs["nodes"]["existing"]
+    assert run["started"] and run["nodes while running"] == 0    # nothing in the scene while it runs
+    assert job.state == "finished" and not run["failed"] and len(run["finished"]) == 1
+    assert run["finished"][0].outputNode is existing           # no new node
+    assert not slicer.util.getNodes("T1_denoised*")
+    assert existing.GetImageData().GetDimensions() == t1.GetImageData().GetDimensions()
+    assert np.array_equal(mrml.ijkToRAS(existing), mrml.ijkToRAS(t1))
+    fractions = [f for f, _ in run["progress"]]
+    assert fractions and fractions[-1] == 1.0 and fractions == sorted(fractions)
+    assert any("step" in status for _, status in run["progress"])
+    assert not os.path.exists(job.tempDir)                       # the temporary folder is removed
+    assert job.poll() is True and len(run["finished"]) == 1      # polling again does nothing
 
 
 def test_translate_real_backend(task_runs):
@@ -602,13 +611,21 @@ def test_segment_real_backend(task_runs, models):
         assert segment.GetColor() == pytest.approx(mrml.NAMED_COLOURS[segment.GetName().lower()])
         assert card["labels"][segment.GetName()] == mrml.segmentLabelValue(segment, i)
     # The segments hold exactly the backend's label map, on the input's grid.
-    labels = task_runs["read"][os.path.basename(result.info["outputs"]["output"])]
+    labels = task_runs["read"][result.info["outputs"]["output"]]
     assert np.array_equal(mrml.labelArrayFromSegmentation(seg, t1), labels.astype(np.int16))
     uncertainty = result.nodes["uncertainty"]
     assert uncertainty.GetName() == "T1_segmentation_uncertainty"
     assert np.array_equal(mrml.ijkToRAS(uncertainty), mrml.ijkToRAS(t1))
     assert seg.GetNodeReference("DiffusionMIC.uncertainty") is uncertainty
     assert sh_parent(seg) == sh_parent(uncertainty) == sh_parent(t1)
+    # Compare the Segmentation node with a label map through the real `evaluate segment`.
+    truth = add_volume(labels.astype(np.uint8), "truth", matrix=mrml.ijkToRAS(t1), className="vtkMRMLLabelMapVolumeNode")
+    table = task_runs["logic"].compare(seg, truth)
+    row = mrml.tableRows(table)[0]
+    assert row["Task"] == "segment"
+    for name in got:                                   # the labels' own values came back: Dice 1
+        assert float(row[f"{name}/dice"]) == pytest.approx(1.0)
+    assert float(row["mean_dice"]) == pytest.approx(1.0)
 
 
 def test_anomaly_real_backend(task_runs):
@@ -628,7 +645,7 @@ def test_anomaly_real_backend(task_runs):
         composite = mrml.sliceCompositeNode(layout)
         assert composite.GetBackgroundVolumeID() == flair.GetID()
         assert composite.GetForegroundVolumeID() == amap.GetID() and composite.GetForegroundOpacity() == 0.5
-    expected = task_runs["read"][os.path.basename(result.info["outputs"]["mask"])] > 0
+    expected = task_runs["read"][result.info["outputs"]["mask"]] > 0
     assert np.array_equal(mrml.labelArrayFromSegmentation(mask, flair) > 0, expected)
 
 
@@ -728,19 +745,23 @@ def test_side_by_side_links_the_views(phantom):
 
 # ---- sample data -------------------------------------------------------------------------------
 
-def test_phantom_sample_data_is_simulated_locally():
-    nodes = module.DiffusionMICLogic().loadPhantom(seed=3)
+def test_phantom_sample_data_is_simulated_locally(task_runs):
+    slicer.mrmlScene = task_runs["scene"]
+    result = task_runs["results"]["phantom"]
+    nodes = list(result.nodes.values())
     names = [n.GetName() for n in nodes]
     assert names == ["DiffusionMIC phantom T1", "DiffusionMIC phantom T2", "DiffusionMIC phantom PD",
                      "DiffusionMIC phantom FLAIR", "DiffusionMIC phantom T1 clean", "DiffusionMIC phantom labels"]
     assert nodes[-1].IsA("vtkMRMLLabelMapVolumeNode")
     assert set(np.unique(slicer.util.arrayFromVolume(nodes[-1]))) <= {0, 1, 2, 3, 4}
     t1 = nodes[0]
+    assert t1.GetImageData().GetDimensions() == (88, 104, 96)    # 2 mm MNI box (x, y, z)
     for node in nodes[1:]:
         assert np.array_equal(mrml.ijkToRAS(node), mrml.ijkToRAS(t1))
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
     assert {sh_parent(n) for n in nodes} == {sh.GetItemChildWithName(sh.GetSceneItemID(), "DiffusionMIC brain phantom")}
     assert json.loads(t1.GetAttribute("DiffusionMIC.phantom"))["seed"] == 3
+    assert result.info["cases"] == ["phantom_000"]
 
 
 def test_self_test_class_is_defined_for_slicer():

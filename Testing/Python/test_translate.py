@@ -62,7 +62,7 @@ def perturbed_model(tmp_path_factory, data, task, name, settings=None):
     return out
 
 
-def write_msd(src, out, cases=("phantom_000", "phantom_001")):
+def write_msd(src, out, cases=("phantom_000",)):
     """An MSD-layout data set (one 4D image per case, `modality`, `labels`, `training`) from phantom files."""
     meta = json.loads((src / "dataset.json").read_text())
     names = [meta["channel_names"][k] for k in sorted(meta["channel_names"], key=int)]
@@ -91,6 +91,7 @@ def test_card_defaults_and_choices(phantom_dir):
     card = task.make_card(ds, {})
     assert (card.inputs, card.outputs, card.network["in_channels"]) == (["T1", "T2"], ["FLAIR"], 3)
     assert card.normalisation == {"method": "percentile", "percentile": 99.5, "value": 1.0}
+    assert card.noise_schedule.prediction_type == "sample" and card.noise_schedule.train_steps == 10
     card = task.make_card(ds, {"task": {"inputs": ["T1"], "output": "T2"}})
     assert (card.inputs, card.outputs, card.network["in_channels"]) == (["T1"], ["T2"], 2)
     for bad in ({"inputs": ["T1"], "output": "CT"}, {"inputs": ["T1"], "output": "T1"}, {"inputs": []}):
@@ -170,25 +171,25 @@ def test_msd_layout_trains(phantom_dir, tmp_path):
     assert (tmp_path / "model" / "model.safetensors").is_file()
 
 
-# Measured on 2 busy CPU cores (see the report in the commit): this configuration learns
-# T1+T2 -> FLAIR well enough in a minute to beat copying the closest input modality.
-LEARN = {"schedule": {"train_steps": 10}, "train": {"batch_size": 8, "lr": 1e-3, "ema_decay": 0.9, "ema_start": 20,
-                                                    "amp": False, "checkpoint_every": 10_000}}
+# The card's schedule (x0 prediction, Fast-DDPM on the 10 sampler timesteps) with a high learning
+# rate and a short EMA learns T1+T2 -> FLAIR in LEARN_STEPS steps (about a minute on two CPU cores;
+# bf16 autocast is slower than float32 there) well enough to beat copying the closest input.
+LEARN = {"train": {"batch_size": 8, "lr": 1e-3, "ema_decay": 0.9, "ema_start": 20, "amp": False,
+                   "checkpoint_every": 10_000}}
+LEARN_STEPS = 60
 
 
 def test_learns_to_beat_copying_an_input(phantom_dir, heldout_dir, tmp_path):
     t0 = time.perf_counter()
     settings = tiny_settings_for(LEARN)
     train("translate", phantom_dir, tmp_path / "model", max_steps=LEARN_STEPS, settings=settings, device="cpu")
-    z = (36, 48)
+    z = (38, 50)
     vols = [sub_volume(image(heldout_dir, "phantom_000", c), z) for c in ("T1", "T2")]
     ref = sub_volume(image(heldout_dir, "phantom_000", "FLAIR", "cleanTr"), z)
     brain = sub_volume(read_volume(heldout_dir / "labelsTr" / "phantom_000.nii.gz"), z)
-    pred = dmic.translate(vols, tmp_path / "model", device="cpu", ensemble=2).outputs["output"]
+    pred = dmic.translate(vols, tmp_path / "model", device="cpu").outputs["output"]
     got = dmic.evaluate("translate", pred, ref, brain)
     copies = {c: dmic.evaluate("translate", v, ref, brain)["psnr"] for c, v in zip(("T1", "T2"), vols)}
     print(f"translate PSNR {got['psnr']:.2f} dB (copy {copies}), {time.perf_counter() - t0:.0f} s")
     assert got["psnr"] > max(copies.values())
 
-
-LEARN_STEPS = 150
