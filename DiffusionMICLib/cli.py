@@ -95,6 +95,11 @@ def cmd_models(args: argparse.Namespace) -> Any:
         raise DiffusionMICError(f"'models {args.action}' needs a model name or folder")
     if args.action == "info":
         return read_card(resolve_model(args.name)).to_dict()
+    if args.action in ("fetch", "import"):
+        from .download import fetch, import_model
+        if args.action == "fetch":
+            return fetch(args.name, progress=args.progress)
+        return import_model(args.name, args.as_name, force=args.force)
     from .models import load_model
     card, _ = load_model(args.name)
     return {"name": card.name, "sha256": card.sha256, "verified": True}
@@ -168,8 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_evaluate)
 
     sp = sub.add_parser("models", help="the model catalog")
-    sp.add_argument("action", choices=("list", "info", "verify"))
-    sp.add_argument("name", nargs="?")
+    sp.add_argument("action", choices=("list", "info", "fetch", "import", "verify"))
+    sp.add_argument("name", nargs="?", help="model name or folder; for import, a model folder or .zip")
+    sp.add_argument("--name", dest="as_name", help="import: the name to store it under (default: the card's)")
+    sp.add_argument("--force", action="store_true", help="import: replace a different cached model of that name")
+    sp.add_argument("--progress", choices=("tqdm", "json", "none"), default="tqdm",
+                    help="fetch: a byte bar on stderr, or one JSON object per line on stdout")
     sp.set_defaults(func=cmd_models)
 
     sp = sub.add_parser("demo", help="the main job: phantom subject, models, results, metrics")

@@ -150,7 +150,7 @@ def cache_dir() -> Path:
 
 
 def resolve_model(model: str | Path) -> Path:
-    """A model folder path, or a catalog name (bundled folder or cached download)."""
+    """A model folder path, a catalog name (bundled folder or cached download), or an imported name."""
     path = Path(model)
     if (path / CARD).is_file():
         return path
@@ -162,4 +162,6 @@ def resolve_model(model: str | Path) -> Path:
             if (cached / CARD).is_file():
                 return cached
             raise DiffusionMICError(f"model {model!r} is not downloaded yet: run 'diffusion-mic models fetch {model}'")
+    if path.name == str(model) and str(model) != ".." and (cache_dir() / path.name / CARD).is_file():
+        return cache_dir() / path.name     # imported with 'diffusion-mic models import'
     raise DiffusionMICError(f"no model folder or catalog entry named '{model}'")
