@@ -23,9 +23,10 @@ HELDOUT_SEED = 9001
 DEMO_SETTINGS = {
     "name": "demo-denoise",
     "network": {"channels": [32, 64], "attention_levels": [False, False], "norm_num_groups": 16},
-    "schedule": {"prediction_type": "sample", "train_steps": 10},
+    "schedule": {"prediction_type": "sample", "train_steps": 4},
+    "sampler": {"steps": 4},
     "patch": [48, 48],
-    "train": {"batch_size": 8, "ema_start": 50, "time_limit_s": 60, "seed": 0},
+    "train": {"batch_size": 8, "ema_start": 50, "ema_decay": 0.98, "lr": 1e-3, "time_limit_s": 60, "seed": 0},
 }
 
 

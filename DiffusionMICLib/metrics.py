@@ -131,7 +131,7 @@ def _auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
 
 def detection_metrics(maps: Volume | list[Volume], refs: Volume | list[Volume],
                       masks: Volume | list[Volume | None] | None = None, *, scores: list[float] | None = None,
-                      score_threshold: float | None = None, top_fraction: float = 0.01) -> dict[str, Any]:
+                      score_threshold: float | None = None, top_fraction: float = 0.001) -> dict[str, Any]:
     """Anomaly maps against binary lesion references (one or several volumes, same grids pairwise).
 
     Voxel level, pooled over all volumes inside their masks (default: everywhere): AUROC (MONAI
@@ -246,11 +246,25 @@ def _features(a: np.ndarray, fg: np.ndarray, bins: int = 32) -> np.ndarray:
     return np.concatenate([hist, layout.ravel().numpy() / 4.0]).astype(np.float32)
 
 
+def _at_spacing(volume: Volume | np.ndarray, spacing: tuple[float, ...] | None) -> Volume | np.ndarray:
+    """A finer real volume brought to the samples' voxel size (Gaussian pre-filter, then linear)."""
+    if spacing is None or not isinstance(volume, Volume) or np.allclose(volume.spacing, spacing, rtol=1e-3):
+        return volume
+    from scipy import ndimage
+
+    from .volume import resample_spacing
+    sigma = [max(0.0, (t / s - 1.0) / 2.0) for s, t in zip(volume.spacing[::-1], spacing[::-1])]
+    smooth = volume.with_array(ndimage.gaussian_filter(volume.array.astype(np.float32), sigma))
+    return resample_spacing(smooth, tuple(spacing))
+
+
 def generation_metrics(samples: list[Volume | np.ndarray], reals: list[Volume | np.ndarray]) -> dict[str, Any]:
     """How a set of generated volumes compares with real subjects (no downloaded networks needed).
 
     Every volume is divided by the 99.5th percentile of its Otsu foreground (the models' scale),
-    so samples (normalised scale) and reals (scanner units) compare; grids need not match.
+    so samples (normalised scale) and reals (scanner units) compare; grids need not match, but
+    reals (Volumes) are first brought to the samples' voxel size when it differs, so that partial
+    volume and noise averaging are alike.
     - intensity: the foreground's 5/25/50/75/95th percentiles (mean over volumes) and the 1D
       Wasserstein distance between the pooled sample and real foreground intensities;
     - tissues: 1D k-means (3 classes: about CSF/GM/WM) of each foreground, the mean centres and
@@ -263,9 +277,12 @@ def generation_metrics(samples: list[Volume | np.ndarray], reals: list[Volume | 
     """
     if not samples or not reals:
         raise DiffusionMICError("generation metrics need at least one sample and one real volume")
+    spacing = samples[0].spacing if isinstance(samples[0], Volume) else None
+    reals = [_at_spacing(v, spacing) for v in reals]
     prepared = {k: [_normalised_foreground(_array(v)) for v in vs] for k, vs in (("samples", samples), ("reals", reals))}
+    out_spacing = {"spacing_mm": list(spacing) if spacing is not None else None}
     q = [5, 25, 50, 75, 95]
-    out: dict[str, Any] = {"samples": len(samples), "reals": len(reals)}
+    out: dict[str, Any] = {"samples": len(samples), "reals": len(reals), **out_spacing}
     quant = {k: np.mean([np.percentile(a[fg], q) for a, fg in vs], axis=0) for k, vs in prepared.items()}
     out["intensity_quantiles"] = {"percentiles": q, **{k: v.tolist() for k, v in quant.items()}}
     out["quantile_mae"] = float(np.mean(np.abs(quant["samples"] - quant["reals"])))

@@ -18,6 +18,7 @@ from .batches import random_batches
 from .inference import bounding_box, count_batches, count_windows, infer_patches, infer_slices
 from .network import build_network, downsampling_factor
 from .sampler import conditioned, sample
+from .space import foreground
 from .trainer import TrainConfig, Trainer
 
 Noise = Callable[[tuple[int, ...], torch.Generator], torch.Tensor]
@@ -83,9 +84,9 @@ def sample_volume(card: ModelCard, network: torch.nn.Module, cond: np.ndarray | 
     return infer_patches(predict, inputs, out_channels, shape, factor=factor, patch=patch, crop=crop)
 
 
-def foreground_crop(arrays: np.ndarray, margin: int = 4) -> tuple[slice, ...]:
-    """The bounding box of voxels above background in any channel (arrays in [-1, 1])."""
-    return bounding_box((arrays > -0.95).any(axis=0), margin)
+def foreground_crop(raw: np.ndarray, margin: int = 4) -> tuple[slice, ...]:
+    """The bounding box of the Otsu foreground of any channel of raw (C, z, y, x) intensities."""
+    return bounding_box(np.logical_or.reduce([foreground(c) for c in raw]), margin)
 
 
 def git_commit() -> str:

@@ -34,7 +34,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     class_dropout: float = 0.15     # probability of the null class (classifier-free guidance)
     seed: int = 0
-    amp: bool = True                # bf16 autocast on CPU/CUDA where supported
+    amp: bool = True                # bf16 autocast on CUDA where supported
     checkpoint_every: int = 200
     time_limit_s: float | None = None   # stop early after this much training time (demo, smoke runs)
     extra: dict = field(default_factory=dict)
@@ -88,7 +88,8 @@ class Trainer:
         self.alphas = self.noise_scheduler.alphas_cumprod.to(device)
         self.timesteps = schedule.training_timesteps()
         self.network = network.to(device)
-        self.ema = EMA(self.network, config.ema_decay)
+        # a short run must not ship weights dominated by its first steps: cap the EMA horizon at a tenth of the run
+        self.ema = EMA(self.network, min(config.ema_decay, 1 - 10 / max(config.max_steps, 20)))
         self.null_class = num_classes
         self.model = DistributedDataParallel(self.network) if self.world > 1 else self.network
         self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=config.lr,
@@ -102,9 +103,8 @@ class Trainer:
         self.noise_fn = noise_fn
 
     def _bf16_ok(self) -> bool:
-        if self.device.type == "cuda":
-            return torch.cuda.is_bf16_supported()
-        return self.device.type == "cpu"
+        # CUDA only: bf16 autocast measured about 2x slower than float32 on this CPU.
+        return self.device.type == "cuda" and torch.cuda.is_bf16_supported()
 
     def loss(self, batch: Batch) -> torch.Tensor:
         """The denoising loss of one batch (MSE on epsilon or v)."""

@@ -17,18 +17,25 @@ Run: noise the input to depth `--strength` (card default 0.3 of the schedule), r
 the sampler, anomaly map = mean over channels of |input - reconstruction| (normalised units),
 Gaussian-smoothed (card.defaults["smooth_mm"], sigma in mm), averaged over `--ensemble` draws
 (seeds seed, seed+1, ...) and set to 0 outside the input's foreground (Otsu union over channels,
-holes filled). Outputs on the input's exact grid: "output" the map (float32) and "mask"
-(uint8) = map > card.defaults["threshold"]. RunResult.info["score"] is the mean of the top 1 %
-of map values inside the foreground (card.defaults["top_fraction"]); info["anomalous"] says
-whether it exceeds card.defaults["score_threshold"].
+holes filled, eroded by card.defaults["erode_mm"] = 2 mm: the brain's outer edge is where a
+reconstruction errs most on healthy tissue). Outputs on the input's exact grid: "output" the
+map (float32) and "mask" (uint8) = map > card.defaults["threshold"] (a model without one uses
+median + 5 MAD of its own map). RunResult.info["score"] is the mean of the top 0.1 %
+of map values inside the foreground (card.defaults["top_fraction"]: lesions are ~0.1 % of a
+brain, and top 0.1 % separated healthy from lesioned phantom subjects better than top 1 %);
+info["anomalous"] says whether it exceeds card.defaults["score_threshold"].
 
-Thresholds (calibrated after training, `calibrate`): the voxel threshold is the 99.5th
+Thresholds (calibrated after training, `calibrate`): the voxel threshold is the 99.9th
 percentile (card.defaults["threshold_percentile"]) of the map over healthy foreground voxels of
 up to two training cases' *acquired* images (imagesTr: real noise; lesion voxels, grown by 2
 voxels, are left out), made with the card's default strength, sampler, steps and ensemble; the
 score threshold is the largest healthy score seen there. Those subjects' healthy versions were
 trained on, so the thresholds are slightly optimistic; a fixed {"task": {"threshold": T}} in
 the settings skips the voxel calibration. Both hold for the default strength/ensemble only.
+
+Evaluation (`evaluate`, metrics.detection_metrics): the reference lesion is a binary mask's
+foreground, or label 4 ("lesion" in the phantom's labels) of a label map; without --mask the
+voxels scored are those where the map is defined plus the reference lesions.
 """
 from __future__ import annotations
 
@@ -99,8 +106,9 @@ class Anomaly(Task):
         noise = dict(spec.get("noise", {"type": "simplex", **SIMPLEX_DEFAULTS}))
         noise_from_spec(noise)   # reject a bad spec before training
         n = len(channels)
-        defaults = {"strength": 0.3, "ensemble": 1, "noise": noise, "smooth_mm": 2.0, "top_fraction": 0.01,
-                    "threshold_percentile": 99.5, "threshold": spec.get("threshold"), "score_threshold": None}
+        defaults = {"strength": 0.3, "ensemble": 1, "noise": noise, "smooth_mm": 2.0, "erode_mm": 2.0,
+                    "top_fraction": 0.001,
+                    "threshold_percentile": 99.9, "threshold": spec.get("threshold"), "score_threshold": None}
         return ModelCard(
             name=settings.get("name", f"anomaly-{'-'.join(channels)}"), task=self.name,
             inputs=channels, outputs=["anomaly"],
@@ -155,6 +163,9 @@ class Anomaly(Task):
         x = np.stack([to_unit(a, robust_scale(a, card.normalisation)) for a in space.arrays])
         mask = brain_mask(space.arrays)
         crop = bounding_box(mask, margin=4)
+        erode = int(round(float(card.defaults.get("erode_mm", 0.0)) / min(space.model_grid.spacing)))
+        if erode > 0:   # border_value=1: a cropped input's brain goes on beyond the array's edge
+            mask = ndimage.binary_erosion(mask, iterations=erode, border_value=1)
         noise = noise_from_spec(card.defaults.get("noise"), device)
         sigma = [float(card.defaults.get("smooth_mm", 2.0)) / s for s in space.model_grid.spacing[::-1]]
         total = np.zeros(mask.shape, np.float32)
@@ -179,7 +190,7 @@ class Anomaly(Task):
         amap, mask = self._anomaly_map(card, network, space, options, progress, device)
         progress.close()
         d = card.defaults
-        score = top_mean(amap[mask], float(d.get("top_fraction", 0.01)))
+        score = top_mean(amap[mask], float(d.get("top_fraction", 0.001)))
         out = space.leave(amap)
         out = out.with_array(np.clip(out.array, 0.0, None).astype(np.float32))
         threshold = d.get("threshold")
@@ -217,13 +228,13 @@ class Anomaly(Task):
             if lesions is not None:
                 healthy &= ~ndimage.binary_dilation(space.arrays[-1] > 0.1, iterations=2)
             values.append(amap[healthy])
-            scores.append(top_mean(amap[healthy], float(d.get("top_fraction", 0.01))))
+            scores.append(top_mean(amap[healthy], float(d.get("top_fraction", 0.001))))
             used.append(case.id)
         if not used:
             return
         pooled = np.concatenate(values)
         if d.get("threshold") is None:
-            d["threshold"] = float(np.percentile(pooled, float(d.get("threshold_percentile", 99.5))))
+            d["threshold"] = float(np.percentile(pooled, float(d.get("threshold_percentile", 99.9))))
         d["score_threshold"] = float(max(scores))
         d["calibration"] = {"cases": used, "healthy_voxels": int(pooled.size), "healthy_scores": scores,
                             "strength": options.strength, "ensemble": options.ensemble,

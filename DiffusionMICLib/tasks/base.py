@@ -35,9 +35,9 @@ class RunOptions:
         resolved = replace(
             self,
             sampler=self.sampler or card.sampler.get("name", "dpm++2m"),
-            steps=self.steps or card.sampler.get("steps", 10),
+            steps=self.steps if self.steps is not None else card.sampler.get("steps", 10),
             strength=self.strength if self.strength is not None else d.get("strength", 1.0),
-            ensemble=self.ensemble or d.get("ensemble", 1),
+            ensemble=self.ensemble if self.ensemble is not None else d.get("ensemble", 1),
             guidance=self.guidance if self.guidance is not None else d.get("guidance", 1.0),
         )
         resolved.validate()

@@ -92,7 +92,7 @@ class Denoise(Task):
         space = ModelSpace.enter(volumes, card.orientation, card.spacing)
         scale = robust_scale(space.arrays[0], card.normalisation)
         noisy = to_unit(space.arrays, scale)
-        crop = foreground_crop(noisy)
+        crop = foreground_crop(space.arrays)
         progress.start("denoise", 0)
         draws = []
         for k in range(options.ensemble):

@@ -105,7 +105,7 @@ class Translate(Task):
         space = ModelSpace.enter(volumes, card.orientation, card.spacing)
         cond = normalise(space.arrays, card.normalisation)
         mask = input_mask(space.arrays)
-        crop = bounding_box(mask)   # (a noisy background is above foreground_crop's threshold)
+        crop = bounding_box(mask)
         progress.start("translate", 0)
         draws = []
         for k in range(options.ensemble):
