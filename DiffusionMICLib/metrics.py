@@ -279,7 +279,8 @@ def generation_metrics(samples: list[Volume | np.ndarray], reals: list[Volume | 
         raise DiffusionMICError("generation metrics need at least one sample and one real volume")
     spacing = samples[0].spacing if isinstance(samples[0], Volume) else None
     reals = [_at_spacing(v, spacing) for v in reals]
-    prepared = {k: [_normalised_foreground(_array(v)) for v in vs] for k, vs in (("samples", samples), ("reals", reals))}
+    prepared = {k: [_normalised_foreground(_array(v)) for v in vs]
+                for k, vs in (("samples", samples), ("reals", reals))}
     out_spacing = {"spacing_mm": list(spacing) if spacing is not None else None}
     q = [5, 25, 50, 75, 95]
     out: dict[str, Any] = {"samples": len(samples), "reals": len(reals), **out_spacing}

@@ -108,7 +108,8 @@ class Anomaly(Task):
         n = len(channels)
         defaults = {"strength": 0.3, "ensemble": 1, "noise": noise, "smooth_mm": 2.0, "erode_mm": 2.0,
                     "top_fraction": 0.001,
-                    "threshold_percentile": 99.9, "threshold": spec.get("threshold"), "score_threshold": None}
+                    "threshold_percentile": 99.9, "threshold": spec.get("threshold"), "score_threshold": None,
+                    "threshold_source": "settings" if spec.get("threshold") is not None else None}
         return ModelCard(
             name=settings.get("name", f"anomaly-{'-'.join(channels)}"), task=self.name,
             inputs=channels, outputs=["anomaly"],
@@ -214,6 +215,7 @@ class Anomaly(Task):
         options = RunOptions(seed=12345).with_card_defaults(card)
         d = card.defaults
         values, scores, used = [], [], []
+        progress.start("calibrate", 0)
         for case in cases[: int(d.get("calibration_cases", 2))]:
             volumes = [case.read(ch) for ch in card.inputs]
             lesions = None
@@ -223,18 +225,20 @@ class Anomaly(Task):
             space = ModelSpace.enter(volumes + ([lesions] if lesions is not None else []),
                                      card.orientation, card.spacing)
             images = ModelSpace(space.arrays[: len(volumes)], space.reference, space.model_grid)
-            amap, mask = self._anomaly_map(card, network, images, options, Progress(), device)
+            amap, mask = self._anomaly_map(card, network, images, options, progress, device)
             healthy = mask.copy()
             if lesions is not None:
                 healthy &= ~ndimage.binary_dilation(space.arrays[-1] > 0.1, iterations=2)
             values.append(amap[healthy])
             scores.append(top_mean(amap[healthy], float(d.get("top_fraction", 0.001))))
             used.append(case.id)
+        progress.close()
         if not used:
             return
         pooled = np.concatenate(values)
-        if d.get("threshold") is None:
+        if d.get("threshold_source") != "settings":     # (re)calibrated, also after fine-tuning
             d["threshold"] = float(np.percentile(pooled, float(d.get("threshold_percentile", 99.9))))
+            d["threshold_source"] = "calibration"
         d["score_threshold"] = float(max(scores))
         d["calibration"] = {"cases": used, "healthy_voxels": int(pooled.size), "healthy_scores": scores,
                             "strength": options.strength, "ensemble": options.ensemble,
