@@ -36,6 +36,16 @@ def heldout_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: on a shared, busy 2-core machine two threads ran its
+    CPU trainings about 4x slower than one (measured); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def tiny_settings() -> dict:
     return {"network": dict(TINY_NETWORK), "patch": [48, 48],

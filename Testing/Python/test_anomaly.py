@@ -23,14 +23,7 @@ from DiffusionMICLib.volume import Geometry, Volume, orient, read_volume, write_
 STEPS = 100      # ~0.97-0.99 voxel AUROC on the held-out slab after 80-150 steps; untrained ~0.4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread for this module: on a shared, busy 2-core machine two threads ran these
-    CPU trainings about 4x slower than one (measured); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,14 +26,7 @@ SETTINGS = {"network": {"channels": [16, 32], "norm_num_groups": 16}, "task": {"
             "train": {"batch_size": 2, "lr": 1e-3, "ema_decay": 0.95, "ema_start": 20, "checkpoint_every": 1000}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread for this module: on a shared, busy 2-core machine two threads ran these
-    CPU trainings about 4x slower than one (measured); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
