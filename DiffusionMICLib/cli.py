@@ -100,14 +100,30 @@ def cmd_models(args: argparse.Namespace) -> Any:
         if args.action == "fetch":
             return fetch(args.name, progress=args.progress)
         return import_model(args.name, args.as_name, force=args.force)
+    if args.action == "evaluate":
+        return _evaluate_model(args)
     from .models import load_model
     card, _ = load_model(args.name)
     return {"name": card.name, "sha256": card.sha256, "verified": True}
 
 
+def _evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
+    """Held-out metrics of a model on a phantom data set; --write stores them in its card."""
+    from .heldout import evaluate_model
+    from .models import load_model, resolve_model, write_card
+    if not args.data:
+        raise DiffusionMICError("'models evaluate' needs --data: a held-out phantom data set (diffusion-mic phantom)")
+    card, _ = load_model(args.name)     # checks the weights' hash first
+    metrics = evaluate_model(args.name, args.data, progress=_progress(args), device=args.device)
+    if args.write:
+        card.metrics = {"heldout": metrics}
+        write_card(resolve_model(args.name), card)
+    return metrics
+
+
 def cmd_demo(args: argparse.Namespace) -> Any:
     from .demo import main as demo_main
-    return demo_main(Path(args.out), progress=_progress(args))
+    return demo_main(Path(args.out), progress=_progress(args), device=args.device)
 
 
 def cmd_benchmark(args: argparse.Namespace) -> Any:
@@ -173,12 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_evaluate)
 
     sp = sub.add_parser("models", help="the model catalog")
-    sp.add_argument("action", choices=("list", "info", "fetch", "import", "verify"))
+    sp.add_argument("action", choices=("list", "info", "fetch", "import", "verify", "evaluate"))
     sp.add_argument("name", nargs="?", help="model name or folder; for import, a model folder or .zip")
     sp.add_argument("--name", dest="as_name", help="import: the name to store it under (default: the card's)")
     sp.add_argument("--force", action="store_true", help="import: replace a different cached model of that name")
+    sp.add_argument("--data", help="evaluate: a held-out phantom data set (e.g. diffusion-mic phantom DIR --seed 9001)")
+    sp.add_argument("--write", action="store_true", help="evaluate: store the metrics in the model's card")
+    sp.add_argument("--device", default="auto", help="evaluate: auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
     sp.add_argument("--progress", choices=("tqdm", "json", "none"), default="tqdm",
-                    help="fetch: a byte bar on stderr, or one JSON object per line on stdout")
+                    help="fetch, evaluate: a bar on stderr, or one JSON object per line on stdout")
     sp.set_defaults(func=cmd_models)
 
     sp = sub.add_parser("demo", help="the main job: phantom subject, models, results, metrics")

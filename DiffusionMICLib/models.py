@@ -104,6 +104,15 @@ def save_model(folder: Path, card: ModelCard, network: torch.nn.Module, *, half:
     return folder
 
 
+def write_card(folder: Path, card: ModelCard) -> Path:
+    """Rewrite a model folder's card in place (atomically); the weights are not touched."""
+    path = Path(folder) / CARD
+    tmp = path.with_name(f".{CARD}.tmp")
+    tmp.write_text(json.dumps(card.to_dict(), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def read_card(folder: Path) -> ModelCard:
     path = Path(folder) / CARD
     if not path.is_file():

@@ -18,6 +18,7 @@ class TrainingCase:
     cond: np.ndarray | None = None     # (C_c, z, y, x)
     label: int | None = None
     foreground: np.ndarray | None = None   # (z, y, x) bool: where crops are centred
+    focus: list[np.ndarray] | None = None  # (N, 3) voxel indices per rare class, for oversampling
 
 
 def _crop(a: np.ndarray, starts: list[int], size: list[int], fill: float) -> np.ndarray:
@@ -33,9 +34,13 @@ def _crop(a: np.ndarray, starts: list[int], size: list[int], fill: float) -> np.
 
 
 def random_batches(cases: list[TrainingCase], *, spatial_dims: int, patch: list[int], batch_size: int,
-                   seed: int, background: float = -1.0,
+                   seed: int, background: float = -1.0, focus_fraction: float = 0.0,
                    augment: Callable[[Batch, torch.Generator], Batch] | None = None) -> Iterator[Batch]:
     """Endless batches; each crop is centred on a random foreground voxel of a random case.
+
+    With focus_fraction > 0, that fraction of crops is centred instead on a voxel of one of the
+    case's `focus` classes, each class equally likely (nnU-Net's foreground oversampling: small
+    structures such as lesions are otherwise almost never seen).
 
     2D: patch is (y, x) and crops come from axial slices (array axis 0); 3D: patch is (z, y, x).
     """
@@ -48,7 +53,9 @@ def random_batches(cases: list[TrainingCase], *, spatial_dims: int, patch: list[
         for _ in range(batch_size):
             i = int(rng.integers(len(cases)))
             case = cases[i]
-            z, y, x = centres[i][rng.integers(len(centres[i]))]
+            focus = [f for f in case.focus or [] if len(f)]
+            pool = focus[rng.integers(len(focus))] if focus and rng.random() < focus_fraction else centres[i]
+            z, y, x = pool[rng.integers(len(pool))]
             if spatial_dims == 2:
                 starts = [int(y) - patch[0] // 2, int(x) - patch[1] // 2]
                 pick = lambda a: _crop(a[:, z], starts, list(patch), background)  # noqa: E731

@@ -144,6 +144,7 @@ def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[s
     resumed = resume and trainer.resume()
     batches = random_batches(training_cases, spatial_dims=card.spatial_dims, patch=card.patch,
                              batch_size=config.batch_size, seed=config.seed * 7919 + trainer.rank + trainer.step,
+                             focus_fraction=float(card.training.get("oversample", 0.0)),
                              augment=task.augment(card))
     progress.start("train", config.max_steps)
     progress.step = trainer.step
@@ -152,6 +153,7 @@ def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[s
     progress.close()
     wall = time.perf_counter() - t0 + card.training.get("wall_time_s", 0.0) * resumed
     card.training = {
+        **card.training,   # task-specific training settings (noise range, variant, oversampling)
         "data": str(Path(data)), "cases": [c.id for c in cases], "config": config.to_dict(),
         "steps": trainer.step, "wall_time_s": round(wall, 1), "device": str(dev),
         "world_size": trainer.world, "commit": git_commit(),

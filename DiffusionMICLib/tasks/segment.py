@@ -4,6 +4,8 @@ The model's target is the label map as one channel per label of the data set (da
 `labels`, background included), scaled to [-1, 1]; it is conditioned by channel concatenation on
 the images named in the card's `inputs` (training settings {"task": {"inputs": [...]}}, default
 every channel), each normalised on its own (its 99.5th foreground percentile -> 1.0).
+Small structures: {"task": {"focus": ["lesion"], "oversample": 0.33}} centres that fraction of
+training crops on a voxel of one of the named labels.
 
 Run: `ensemble` draws with seeds seed, seed+1, ...; each draw is mapped back to [0, 1] class
 scores, the draws are averaged, the average is taken back to the input's exact grid (linear),
@@ -66,6 +68,9 @@ class Segment(Task):
         labels = dict(sorted(dataset.labels.items(), key=lambda kv: kv[1]))
         if len(labels) < 2 or 0 not in labels.values():
             raise DiffusionMICError("segment needs the data set's labels (dataset.json), background (0) included")
+        unknown = [name for name in spec.get("focus", []) if name not in labels]
+        if unknown:
+            raise DiffusionMICError(f"segment: focus labels {unknown} are not labels of the data set ({', '.join(labels)})")
         return ModelCard(
             name=settings.get("name", "segment"), task=self.name, inputs=inputs, outputs=["labels"],
             description=settings.get("description", f"Diffusion segmentation of {', '.join(labels)} "
@@ -76,7 +81,8 @@ class Segment(Task):
             labels=labels, patch=settings.get("patch", [64, 64]),
             sampler={"name": "dpm++2m", "steps": 10, **settings.get("sampler", {})},
             defaults={"ensemble": 1, **settings.get("defaults", {})},
-            training={"config": settings.get("train", {})},
+            training={"config": settings.get("train", {}), "oversample": spec.get("oversample", 0.0),
+                      "focus": spec.get("focus", [])},
         )
 
     def training_cases(self, card: ModelCard, dataset: Dataset, cases: list[Case]) -> list[TrainingCase]:
@@ -93,8 +99,10 @@ class Segment(Task):
             # nearest neighbour onto the model grid: exact when that grid is only a reorientation
             lab = resample_to(label, space.model_grid.geometry, interpolation="nearest").array
             fg = (lab > 0) | np.any([foreground(a) for a in space.arrays], axis=0)
-            out.append(TrainingCase(target=one_hot(np.rint(lab).astype(np.int64), values),
-                                    cond=normalise(space.arrays, card.normalisation), foreground=fg))
+            lab = np.rint(lab).astype(np.int64)
+            focus = [np.argwhere(lab == card.labels[name]) for name in card.training.get("focus", [])]
+            out.append(TrainingCase(target=one_hot(lab, values), cond=normalise(space.arrays, card.normalisation),
+                                    foreground=fg, focus=focus))
         return out
 
     def run(self, card: ModelCard, network: torch.nn.Module, volumes: list[Volume], options: RunOptions,

@@ -8,6 +8,7 @@ import pytest
 import DiffusionMICLib as dmic
 from DiffusionMICLib.cli import main as cli_main
 from DiffusionMICLib.datasets import read_dataset
+from DiffusionMICLib.engine.batches import random_batches
 from DiffusionMICLib.engine.pipeline import train
 from DiffusionMICLib.metrics import segmentation_metrics
 from DiffusionMICLib.tasks import get_task
@@ -35,6 +36,20 @@ def test_card_and_one_hot_targets(phantom_dir):
     assert np.array_equal(np.argmax(tc.target, axis=0), labels)
     with pytest.raises(dmic.DiffusionMICError):
         task.make_card(ds, {"task": {"inputs": ["CT"]}})
+
+
+def test_lesion_oversampling_centres_crops_on_lesions(phantom_dir):
+    task, ds = get_task("segment"), read_dataset(phantom_dir)
+    card = task.make_card(ds, {"task": {"inputs": ["FLAIR"], "focus": ["lesion"], "oversample": 1.0}})
+    cases = task.training_cases(card, ds, ds.cases[:2])
+    assert all(len(c.focus[0]) == int((np.argmax(c.target, axis=0) == 4).sum()) > 0 for c in cases)
+
+    def lesion_centre_fraction(fraction: float) -> float:
+        batch = next(random_batches(cases, spatial_dims=2, patch=[32, 32], batch_size=64, seed=3, focus_fraction=fraction))
+        return float((batch.target[:, 4, 16, 16] > 0).float().mean())
+    assert lesion_centre_fraction(1.0) == 1.0 and lesion_centre_fraction(0.0) < 0.1
+    with pytest.raises(dmic.DiffusionMICError, match="focus"):
+        task.make_card(ds, {"task": {"focus": ["tumour"]}})
 
 
 def test_segmentation_metrics_use_spacing():

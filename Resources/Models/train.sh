@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Retrain the bundled models from scratch on phantom data and copy them into Resources/Models/.
+#   Resources/Models/train.sh [NAME ...]          (default: all five, one after another)
+# Training data: 12 phantom subjects from seed 100 (2 mm, 5 % noise); evaluation uses seed 9001
+# (`diffusion-mic models evaluate`), which training never sees. Each model's settings, including
+# its time limit on a 2-core CPU, are in Resources/Models/NAME/train.json.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+DMIC=${DMIC:-.venv/bin/diffusion-mic}
+WORK=${WORK:-models-work}
+declare -A TASK=([brain-mri-denoise]=denoise [brain-mri-t1t2-to-flair]=translate
+                 [brain-mri-lesion-segment]=segment [brain-mri-anomaly]=anomaly [brain-mri-generate]=generate)
+names=("$@")
+[ ${#names[@]} -gt 0 ] || names=(brain-mri-denoise brain-mri-t1t2-to-flair brain-mri-anomaly brain-mri-lesion-segment brain-mri-generate)
+[ -f "$WORK/data/train/dataset.json" ] || "$DMIC" phantom "$WORK/data/train" --subjects 12 --seed 100 --noise 5 --progress none >/dev/null
+for name in "${names[@]}"; do
+    task=${TASK[$name]:?unknown bundled model $name}
+    "$DMIC" train "$task" --data "$WORK/data/train" --out "$WORK/models/$name" --restart \
+        --config "Resources/Models/$name/train.json" --progress none
+    cp "$WORK/models/$name/model.json" "$WORK/models/$name/model.safetensors" "Resources/Models/$name/"
+done
