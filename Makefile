@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 
-.PHONY: demo test test-slow benchmark venv clean
+.PHONY: demo test test-slow benchmark models venv clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test-slow: venv
 
 benchmark: venv
 	$(VENV)/bin/diffusion-mic benchmark
+
+# Retrain the five bundled models (about 1.5 hours on 2 CPU cores; see Resources/Models/train.sh).
+models: venv
+	Resources/Models/train.sh
 
 clean:
 	rm -rf $(VENV) demo-out

@@ -88,6 +88,7 @@ def _slices(volume, focus, fractions) -> list[np.ndarray]:
 
 
 def _show(ax, image: np.ndarray, style: str, reference: np.ndarray) -> None:
+    """Draw a slice: gray (0 to its 99.5th percentile), labels, heat map, or a difference on the reference's scale."""
     if style == "labels":
         ax.imshow(np.ma.masked_equal(image, 0), cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
         ax.set_facecolor("black")
@@ -107,7 +108,7 @@ def task_figure(path: Path, task: str, outcome: heldout.Outcome) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(2, len(outcome.panels), figsize=(3 * len(outcome.panels), 6.2), squeeze=False)
-    reference = _slices(outcome.panels[0].volume, outcome.focus, (0.5, 0.5, 0.5))
+    reference = _slices(outcome.panels[2].volume, outcome.focus, (0.5, 0.5, 0.5))   # scales the difference
     for j, panel in enumerate(outcome.panels):
         for i, image in enumerate(_slices(panel.volume, outcome.focus, (0.5, 0.5, 0.5))):
             _show(axes[i, j], image, panel.style, image if panel.style == "gray" else reference[i])
@@ -128,7 +129,7 @@ def summary_figure(path: Path, outcomes: dict[str, heldout.Outcome], rows: list[
     fig = plt.figure(figsize=(12, 3 * len(outcomes) + 3))
     grid = fig.add_gridspec(len(outcomes) + 1, 4, height_ratios=[3] * len(outcomes) + [3])
     for r, (task, outcome) in enumerate(outcomes.items()):
-        reference = _slices(outcome.panels[0].volume, outcome.focus, (0.5, 0.5, 0.5))[0]
+        reference = _slices(outcome.panels[2].volume, outcome.focus, (0.5, 0.5, 0.5))[0]
         for j, panel in enumerate(outcome.panels[:4]):
             ax = fig.add_subplot(grid[r, j])
             image = _slices(panel.volume, outcome.focus, (0.5, 0.5, 0.5))[0]

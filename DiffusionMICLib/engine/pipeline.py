@@ -5,7 +5,7 @@ import json
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ from .network import build_network, downsampling_factor
 from .sampler import conditioned, sample
 from .space import foreground
 from .trainer import TrainConfig, Trainer
+
+if TYPE_CHECKING:
+    from ..tasks.base import RunOptions
 
 Noise = Callable[[tuple[int, ...], torch.Generator], torch.Tensor]
 
@@ -82,6 +85,15 @@ def sample_volume(card: ModelCard, network: torch.nn.Module, cond: np.ndarray | 
     n = count_windows(region, patch, 0.25) if patch and inputs is not None else 1
     progress.steps += n * steps_per_sample
     return infer_patches(predict, inputs, out_channels, shape, factor=factor, patch=patch, crop=crop)
+
+
+def sample_draws(card: ModelCard, network: torch.nn.Module, cond: np.ndarray | None, options: "RunOptions", *,
+                 device: torch.device, progress: Progress, **kwargs: Any) -> Iterator[np.ndarray]:
+    """`options.ensemble` whole-volume draws (seeds seed, seed + 1, ...), one at a time; kwargs go to sample_volume."""
+    for k in range(options.ensemble):
+        yield sample_volume(card, network, cond, sampler=options.sampler, steps=options.steps,
+                            generator=torch.Generator().manual_seed(options.seed + k), device=device,
+                            progress=progress, batch_size=options.batch_size, **kwargs)
 
 
 def foreground_crop(raw: np.ndarray, margin: int = 4) -> tuple[slice, ...]:

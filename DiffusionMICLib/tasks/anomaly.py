@@ -49,7 +49,7 @@ from ..datasets import Case, Dataset
 from ..engine.batches import TrainingCase
 from ..engine.inference import bounding_box
 from ..engine.network import network_config
-from ..engine.pipeline import sample_volume
+from ..engine.pipeline import sample_draws
 from ..engine.simplex import DEFAULTS as SIMPLEX_DEFAULTS
 from ..engine.simplex import noise_from_spec
 from ..engine.space import ModelSpace, foreground, robust_scale, to_unit
@@ -170,11 +170,8 @@ class Anomaly(Task):
         noise = noise_from_spec(card.defaults.get("noise"), device)
         sigma = [float(card.defaults.get("smooth_mm", 2.0)) / s for s in space.model_grid.spacing[::-1]]
         total = np.zeros(mask.shape, np.float32)
-        for k in range(options.ensemble):
-            generator = torch.Generator().manual_seed(options.seed + k)
-            recon = sample_volume(card, network, None, start=x, strength=options.strength, sampler=options.sampler,
-                                  steps=options.steps, generator=generator, device=device, progress=progress,
-                                  noise=noise, batch_size=options.batch_size, crop=crop)
+        for recon in sample_draws(card, network, None, options, device=device, progress=progress, crop=crop,
+                                  start=x, strength=options.strength, noise=noise):
             diff = np.abs(x - recon).mean(axis=0)
             total += ndimage.gaussian_filter(diff, sigma) if max(sigma) > 0 else diff
         amap = total / options.ensemble

@@ -15,7 +15,7 @@ import torch
 from ..datasets import Case, Dataset
 from ..engine.batches import TrainingCase
 from ..engine.network import network_config
-from ..engine.pipeline import foreground_crop, sample_volume
+from ..engine.pipeline import foreground_crop, sample_draws
 from ..engine.space import ModelSpace, foreground, from_unit, robust_scale, to_unit
 from ..engine.trainer import Batch
 from ..errors import DiffusionMICError
@@ -79,9 +79,12 @@ class Denoise(Task):
 
         def add_noise(batch: Batch, generator: torch.Generator) -> Batch:
             clean01 = (batch.target + 1) / 2
-            # percent of the brightest tissue, which sits near 1.0 in these units (median -> 0.5)
-            pct = lo + (hi - lo) * torch.rand((clean01.shape[0],) + (1,) * (clean01.ndim - 1), generator=generator)
-            noisy = rician(clean01, pct / 100.0, generator)
+            # percent of the brightest tissue: each crop's 99th percentile (about 0.55 for T1 white
+            # matter in these units, where the foreground median is 0.5)
+            shape = (clean01.shape[0],) + (1,) * (clean01.ndim - 1)
+            brightest = torch.quantile(clean01.flatten(1), 0.99, dim=1).reshape(shape)
+            pct = lo + (hi - lo) * torch.rand(shape, generator=generator)
+            noisy = rician(clean01, pct / 100.0 * brightest, generator)
             return Batch(batch.target, noisy * 2 - 1, batch.labels)
         return add_noise
 
@@ -94,13 +97,8 @@ class Denoise(Task):
         noisy = to_unit(space.arrays, scale)
         crop = foreground_crop(space.arrays)
         progress.start("denoise", 0)
-        draws = []
-        for k in range(options.ensemble):
-            generator = torch.Generator().manual_seed(options.seed + k)
-            draws.append(sample_volume(card, network, noisy, start=noisy if options.strength < 1 else None,
-                                       strength=options.strength, sampler=options.sampler, steps=options.steps,
-                                       generator=generator, device=device, progress=progress,
-                                       batch_size=options.batch_size, crop=crop)[0])
+        draws = [d[0] for d in sample_draws(card, network, noisy, options, device=device, progress=progress, crop=crop,
+                                            start=noisy if options.strength < 1 else None, strength=options.strength)]
         progress.close()
         result = np.mean(draws, axis=0)
         denoised = from_unit(np.clip(result, -1.0, None), scale)

@@ -26,7 +26,7 @@ from ..datasets import Case, Dataset
 from ..engine.batches import TrainingCase
 from ..engine.network import network_config
 from ..engine.inference import bounding_box
-from ..engine.pipeline import sample_volume
+from ..engine.pipeline import sample_draws
 from ..engine.space import ModelSpace, foreground
 from ..errors import DiffusionMICError
 from ..metrics import segmentation_metrics
@@ -114,12 +114,7 @@ class Segment(Task):
         cond = normalise(space.arrays, card.normalisation)
         crop = bounding_box(input_mask(space.arrays))   # outside the head: background
         progress.start("segment", 0)
-        draws = []
-        for k in range(options.ensemble):
-            generator = torch.Generator().manual_seed(options.seed + k)
-            draws.append(sample_volume(card, network, cond, sampler=options.sampler, steps=options.steps,
-                                       generator=generator, device=device, progress=progress,
-                                       batch_size=options.batch_size, crop=crop))
+        draws = list(sample_draws(card, network, cond, options, device=device, progress=progress, crop=crop))
         progress.close()
         p = class_probabilities(draws)
         # back to the input grid: class scores linearly (outside the model grid: background), then argmax

@@ -26,7 +26,7 @@ from ..datasets import Case, Dataset
 from ..engine.batches import TrainingCase
 from ..engine.network import network_config
 from ..engine.inference import bounding_box
-from ..engine.pipeline import sample_volume
+from ..engine.pipeline import sample_draws
 from ..engine.space import ModelSpace, foreground, from_unit, robust_scale, to_unit
 from ..errors import DiffusionMICError
 from ..metrics import image_metrics
@@ -107,12 +107,7 @@ class Translate(Task):
         mask = input_mask(space.arrays)
         crop = bounding_box(mask)
         progress.start("translate", 0)
-        draws = []
-        for k in range(options.ensemble):
-            generator = torch.Generator().manual_seed(options.seed + k)
-            draws.append(sample_volume(card, network, cond, sampler=options.sampler, steps=options.steps,
-                                       generator=generator, device=device, progress=progress,
-                                       batch_size=options.batch_size, crop=crop)[0])
+        draws = [d[0] for d in sample_draws(card, network, cond, options, device=device, progress=progress, crop=crop)]
         progress.close()
         result = from_unit(np.clip(np.mean(draws, axis=0), -1.0, None), 1.0)
         result[~mask] = 0.0

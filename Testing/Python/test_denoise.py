@@ -144,3 +144,39 @@ def test_cli_output_may_not_overwrite_input(tiny_model, phantom_dir, tmp_path):
     before = src.read_bytes()
     p = cli("run", "denoise", "--model", tiny_model, "--input", src, "--output", src, "--progress", "none")
     assert p.returncode == 2 and src.read_bytes() == before
+
+
+def test_models_evaluate_writes_heldout_metrics_into_the_card(tiny_model, heldout_dir, tmp_path, capsys):
+    import shutil
+    from DiffusionMICLib.cli import main as cli_main
+    from DiffusionMICLib.models import load_model
+    model = shutil.copytree(tiny_model, tmp_path / "model", ignore=shutil.ignore_patterns("checkpoint"))
+    assert cli_main(["models", "evaluate", str(model), "--data", str(heldout_dir), "--write", "--progress", "none"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    card, _ = load_model(model)     # the weights' hash still matches
+    stored = card.metrics["heldout"]
+    assert stored == printed and stored["cases"] == ["phantom_000"] and stored["phantom_seed"] == 1234
+    assert stored["mean"]["psnr_gain_db"] == pytest.approx(stored["per_case"][0]["result"]["psnr"]
+                                                          - stored["per_case"][0]["input"]["psnr"])
+    assert cli_main(["models", "evaluate", str(model), "--progress", "none"]) == 2   # no --data: one-line error
+
+
+def test_noise_range_matches_the_phantoms_percent_of_brightest_tissue(phantom_dir):
+    """Synthetic training noise at 5 % has about the noise of the phantom's 5 % images (same units)."""
+    from DiffusionMICLib.datasets import read_dataset
+    from DiffusionMICLib.engine.batches import random_batches
+    from DiffusionMICLib.tasks import get_task
+    task, ds = get_task("denoise"), read_dataset(phantom_dir)
+    card = task.make_card(ds, {"task": {"noise_range": [5, 5], "channels": ["T1"]}})
+    (case,) = task.training_cases(card, ds, ds.cases[:1])
+    assert case.cond is None
+    batch = next(random_batches([case], spatial_dims=2, patch=[64, 64], batch_size=32, seed=0,
+                                augment=task.augment(card)))
+    inside = batch.target > -0.2    # brain and scalp, away from the Rician floor of the background
+    synthetic = float(((batch.cond - batch.target)[inside]).std()) / 2
+    acquired = task.make_card(ds, {"task": {"channels": ["T1"]}})
+    (real,) = task.training_cases(acquired, ds, ds.cases[:1])
+    inside = real.target > -0.2
+    measured = float(np.std((real.cond - real.target)[inside])) / 2
+    print(f"noise sigma (unit scale): synthetic 5 % {synthetic:.4f}, phantom 5 % {measured:.4f}")
+    assert 0.75 < synthetic / measured < 1.33
