@@ -102,9 +102,13 @@ def foreground_crop(raw: np.ndarray, margin: int = 4) -> tuple[slice, ...]:
 
 
 def git_commit() -> str:
+    """The checkout's commit, with "-dirty" when tracked library files differ from it; "unknown" outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5).stdout.strip()
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=5).stdout.strip() or "unknown"
+        commit = git("rev-parse", "HEAD")
+        return (commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no", "--", "DiffusionMICLib")
+                          else "")) if commit else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
