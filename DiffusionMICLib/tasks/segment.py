@@ -5,7 +5,8 @@ The model's target is the label map as one channel per label of the data set (da
 the images named in the card's `inputs` (training settings {"task": {"inputs": [...]}}, default
 every channel), each normalised on its own (its 99.5th foreground percentile -> 1.0).
 Small structures: {"task": {"focus": ["lesion"], "oversample": 0.33}} centres that fraction of
-training crops on a voxel of one of the named labels.
+training crops on a voxel of one of the named labels. {"defaults": {"largest_component": true}}
+keeps only the largest connected component of the labelled voxels (stray voxels in the scalp).
 
 Run: `ensemble` draws with seeds seed, seed+1, ...; each draw is mapped back to [0, 1] class
 scores, the draws are averaged, the average is taken back to the input's exact grid (linear),
@@ -21,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from ..datasets import Case, Dataset
 from ..engine.batches import TrainingCase
@@ -49,6 +51,16 @@ def class_probabilities(draws: list[np.ndarray]) -> np.ndarray:
     empty = total[0] <= 1e-6
     p[0][empty] = 1.0   # no score at all (outside the processed region): background
     return p / np.maximum(p.sum(axis=0, keepdims=True), 1e-6)
+
+
+def largest_component(labels: np.ndarray) -> np.ndarray:
+    """Labels outside the largest connected (6-neighbour) component of the foreground set to 0
+    (nnU-Net's post-processing; for one organ, e.g. a brain, not for paired organs)."""
+    parts, n = ndimage.label(labels > 0)
+    if n <= 1:
+        return labels
+    keep = parts == 1 + int(np.argmax(np.bincount(parts.ravel())[1:]))
+    return np.where(keep, labels, 0).astype(labels.dtype)
 
 
 def entropy(p: np.ndarray) -> np.ndarray:
@@ -122,6 +134,8 @@ class Segment(Task):
         values = np.array(list(card.labels.values()))
         dtype = np.uint8 if values.min() >= 0 and values.max() < 256 else np.int16
         labels = values[np.argmax(back, axis=0)].astype(dtype)
+        if card.defaults.get("largest_component"):
+            labels = largest_component(labels)
         back /= np.maximum(back.sum(axis=0, keepdims=True), 1e-6)
         ref = volumes[0]
         return RunResult({"output": ref.with_array(labels), "uncertainty": ref.with_array(entropy(back))},

@@ -52,6 +52,17 @@ def test_lesion_oversampling_centres_crops_on_lesions(phantom_dir):
         task.make_card(ds, {"task": {"focus": ["tumour"]}})
 
 
+def test_largest_component_drops_stray_labels():
+    from DiffusionMICLib.tasks.segment import largest_component
+    labels = np.zeros((6, 8, 8), np.uint8)
+    labels[1:5, 1:5, 1:5] = 2
+    labels[2, 2, 2] = 4                # inside the brain: kept
+    labels[5, 7, 7] = labels[0, 7, 0] = 3   # strays: dropped
+    out = largest_component(labels)
+    assert out.dtype == np.uint8 and out[2, 2, 2] == 4 and out[5, 7, 7] == out[0, 7, 0] == 0
+    assert (out > 0).sum() == 64 and np.array_equal(largest_component(out), out)
+
+
 def test_segmentation_metrics_use_spacing():
     ref = np.zeros((20, 20, 20), np.uint8)
     ref[5:15, 5:15, 5:15] = 1
