@@ -12,7 +12,7 @@ import torch
 
 from ..datasets import read_dataset
 from ..errors import DiffusionMICError
-from ..models import REPO_ROOT, ModelCard, save_model
+from ..models import REPO_ROOT, ModelCard, read_card, save_model
 from ..progress import Progress
 from .batches import random_batches
 from .inference import bounding_box, count_batches, count_windows, infer_patches, infer_slices
@@ -167,7 +167,9 @@ def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[s
     t0 = time.perf_counter()
     trainer.fit(batches, on_step=lambda i, n, loss: progress.advance(loss=f"{loss:.4f}"), cancel=progress.cancel)
     progress.close()
-    wall = time.perf_counter() - t0 + card.training.get("wall_time_s", 0.0) * resumed
+    wall = time.perf_counter() - t0
+    if resumed and (out / "model.json").is_file():     # add the earlier runs' training time
+        wall += read_card(out).training.get("wall_time_s", 0.0)
     card.training = {
         **card.training,   # task-specific training settings (noise range, variant, oversampling)
         "data": str(Path(data)), "cases": [c.id for c in cases], "config": config.to_dict(),

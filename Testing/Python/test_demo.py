@@ -42,3 +42,16 @@ def test_demo_writes_volumes_figures_and_metrics(demo_out, capsys):
         assert vol.geometry.same_as(t1.geometry) and np.isfinite(vol.array).all()
     samples = [read_volume(p) for p in sorted(demo_out.glob("generated-*-T1.nrrd"))]
     assert len(samples) == 4 and samples[0].spacing == (4.0, 4.0, 4.0)
+
+
+def test_bundled_models_reach_their_targets_on_the_demo_subject(demo_out):
+    """The issue's targets on the held-out subject (generation: per-tissue means within 10 %)."""
+    m = json.loads((demo_out / "metrics.json").read_text())
+    assert m["denoise"]["psnr_gain_db"] >= DENOISE_GAIN_DB
+    assert m["translate"]["result"]["psnr"] >= 26 and m["translate"]["result"]["ssim"] >= 0.85
+    dice = {name: v["dice"] for name, v in m["segment"]["labels"].items()}
+    assert dice["lesion"] >= 0.70 and min(dice["CSF"], dice["GM"], dice["WM"]) >= 0.85
+    assert m["anomaly"]["voxel_auroc"] >= 0.90
+    for channel in m["generate"]["per_channel"].values():
+        assert max(channel["tissue_mean_relative_error"]) <= 0.10
+        assert channel["seed_difference"] > 0.02     # different seeds, visibly different samples
