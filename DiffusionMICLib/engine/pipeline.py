@@ -164,6 +164,7 @@ def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[s
                              augment=task.augment(card))
     progress.start("train", config.max_steps)
     progress.step = trainer.step
+    commit = git_commit()     # the code this training starts from
     t0 = time.perf_counter()
     trainer.fit(batches, on_step=lambda i, n, loss: progress.advance(loss=f"{loss:.4f}"), cancel=progress.cancel)
     progress.close()
@@ -174,7 +175,7 @@ def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[s
         **card.training,   # task-specific training settings (noise range, variant, oversampling)
         "data": str(Path(data)), "cases": [c.id for c in cases], "config": config.to_dict(),
         "steps": trainer.step, "wall_time_s": round(wall, 1), "device": str(dev),
-        "world_size": trainer.world, "commit": git_commit(),
+        "world_size": trainer.world, "commit": commit,
         "command": settings.get("command", ""),
         "final_loss": float(np.mean(trainer.losses[-20:])) if trainer.losses else None,
         **({"base_model": base[0].name} if base is not None else {}),
