@@ -24,6 +24,7 @@ from .metrics import generation_metrics, segmentation_metrics
 from .models import read_card, resolve_model
 from .progress import Progress
 from .tasks.generate import onto_grid, sample_key
+from .tasks.segment import largest_component
 from .tasks.translate import NORMALISATION as TRANSLATE_SCALE
 from .volume import Geometry, Volume
 
@@ -55,11 +56,9 @@ def brain(case: Case) -> Volume:
 def lesion_centre(case: Case) -> tuple[int, int, int]:
     """The centre of the case's largest lesion, or of its brain when it has none."""
     labels = case.read_label().array
-    parts, n = ndimage.label(labels == LESION)
-    if n == 0:
-        return tuple(int(round(c)) for c in ndimage.center_of_mass(labels > 0))
-    largest = 1 + int(np.argmax(np.bincount(parts.ravel())[1:]))
-    return tuple(int(round(c)) for c in ndimage.center_of_mass(parts == largest))
+    lesion = labels == LESION
+    region = largest_component(lesion.astype(np.uint8)) > 0 if lesion.any() else labels > 0
+    return tuple(int(round(c)) for c in ndimage.center_of_mass(region))
 
 
 def _normalised(v: Volume) -> Volume:
