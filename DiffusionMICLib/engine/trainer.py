@@ -7,6 +7,7 @@ nccl on CUDA). Each rank draws its own batches; rank 0 writes checkpoints and th
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,8 +18,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from ..errors import Cancelled
+from ..errors import Cancelled, DiffusionMICError
 from .schedule import NoiseSchedule
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -28,6 +31,7 @@ class TrainConfig:
     max_steps: int = 2000
     batch_size: int = 16
     lr: float = 2e-4
+    lr_schedule: str = "constant"   # or "cosine": lr * (0.01 + 0.99 * (1 + cos(pi * step / max_steps)) / 2)
     weight_decay: float = 1e-4
     ema_decay: float = 0.995
     ema_start: int = 50
@@ -38,6 +42,10 @@ class TrainConfig:
     checkpoint_every: int = 200
     time_limit_s: float | None = None   # stop early after this much training time (demo, smoke runs)
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise DiffusionMICError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -128,6 +136,14 @@ class Trainer:
             pred = self.model(inp, t, **kwargs)
         return torch.nn.functional.mse_loss(pred.float(), target)
 
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of step `step` (0-based). A function of the step alone, not a
+        torch LR scheduler, so a resumed run, even one with a larger max_steps, needs no extra state."""
+        if self.config.lr_schedule == "constant":
+            return self.config.lr
+        progress = min(step / max(self.config.max_steps, 1), 1.0)
+        return self.config.lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
     def fit(self, batches: Iterator[Batch], on_step: Callable[[int, int, float], None] | None = None,
             cancel: Callable[[], bool] | None = None) -> list[float]:
         """Train until config.max_steps; returns the per-step losses of this call."""
@@ -140,6 +156,8 @@ class Trainer:
                 break
             if cancel is not None and cancel():
                 raise Cancelled("cancelled")
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.learning_rate(self.step)
             loss = self.loss(next(batches))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -6,11 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from DiffusionMICLib.engine.network import build_network, network_config
 from DiffusionMICLib.engine.schedule import NoiseSchedule
 from DiffusionMICLib.engine.trainer import Batch, TrainConfig, Trainer
+from DiffusionMICLib.errors import DiffusionMICError
 
 from conftest import TINY_NETWORK
 
@@ -52,6 +54,20 @@ def test_resume_continues_where_it_stopped(tmp_path):
     assert resumed.step == 6
     for p, q in zip(full.network.parameters(), resumed.network.parameters()):
         assert torch.allclose(p, q, atol=1e-5)
+
+
+def test_cosine_learning_rate_decays_to_a_hundredth_and_resumes_by_step(tmp_path):
+    tr = make(steps=100)
+    assert tr.learning_rate(50) == tr.config.lr          # constant is the default
+    tr.config.lr_schedule = "cosine"
+    lrs = [tr.learning_rate(s) for s in (0, 50, 100)]
+    assert lrs[0] == tr.config.lr and abs(lrs[1] - 0.505 * tr.config.lr) < 1e-12
+    assert abs(lrs[2] - 0.01 * tr.config.lr) < 1e-12
+    tr.config.max_steps = 3
+    tr.fit(batches())
+    assert tr.optimizer.param_groups[0]["lr"] == tr.learning_rate(2)
+    with pytest.raises(DiffusionMICError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear")
 
 
 def test_fast_ddpm_trains_on_sampler_timesteps():
