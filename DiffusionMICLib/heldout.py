@@ -20,7 +20,7 @@ from . import api
 from .datasets import Case, read_dataset
 from .engine.space import robust_scale
 from .errors import DiffusionMICError
-from .metrics import generation_metrics, segmentation_metrics
+from .metrics import bright_tail_fractions, generation_metrics, segmentation_metrics
 from .models import read_card, resolve_model
 from .progress import Progress
 from .tasks.generate import onto_grid, sample_key
@@ -155,6 +155,12 @@ def generate(model: str | Path, cases: list[Case], progress: Progress, count: in
         seeds = [s[ch].array for s in next(iter(samples.values()))]
         m["seed_difference"] = float(np.mean(np.abs(seeds[0] - seeds[1]))) if len(seeds) > 1 else None
         m["condition_difference"] = float(np.mean(np.abs(first[0] - first[1]))) if len(first) > 1 else None
+        if set(conditions) == {"healthy", "lesion"} and all(ch in c.variants.get("healthyTr", {}) for c in cases):
+            # does the lesion condition draw hyperintensities? (the same subjects without lesions set the bar)
+            healthy = [case.read(ch, "healthyTr") for case in cases]
+            m["bright_tail"] = bright_tail_fractions(
+                {"healthy samples": [s[ch] for s in samples["healthy"]], "lesion samples": [s[ch] for s in samples["lesion"]],
+                 "real healthy": healthy, "real lesion": reals}, healthy)
         metrics["per_channel"][ch] = m
     outputs = {f"generated-{c or 'sample'}-{i + 1}-{ch}": v for c, group in samples.items()
                for i, s in enumerate(group) for ch, v in s.items()}

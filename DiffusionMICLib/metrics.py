@@ -309,3 +309,32 @@ def generation_metrics(samples: list[Volume | np.ndarray], reals: list[Volume | 
         out["mmd"] = None
     out["mmd_features"] = "foreground intensity histogram (32 bins) + 4x4x4 layout, linear kernel"
     return out
+
+
+def _median_scaled_foreground(v: Volume | np.ndarray) -> np.ndarray:
+    """The foreground's values divided by their median (which a few bright lesion voxels do not move)."""
+    from .engine.space import foreground
+    a = _array(v)
+    values = a[foreground(a)]
+    median = float(np.median(values))
+    return values / (median if median > 0 else 1.0)
+
+
+def bright_tail_fractions(groups: dict[str, list[Volume | np.ndarray]], healthy: list[Volume | np.ndarray],
+                          percentile: float = 99.9) -> dict[str, Any]:
+    """How often each group's volumes go brighter than healthy tissue: the fraction of each
+    volume's foreground above the `percentile` of the pooled healthy foreground, every volume
+    divided by its foreground median (a top-percentile scale would hide the tail), averaged per
+    group. Measures whether a generator's "lesion" condition draws FLAIR hyperintensities at all
+    (healthy volumes give about 1 - percentile / 100 by construction)."""
+    if not healthy or not groups:
+        raise DiffusionMICError("bright-tail fractions need healthy volumes and at least one group")
+    first = next(v for vs in groups.values() for v in vs)
+    spacing = first.spacing if isinstance(first, Volume) else None
+    pooled = np.concatenate([_median_scaled_foreground(_at_spacing(v, spacing)) for v in healthy])
+    threshold = float(np.percentile(pooled, percentile))
+    out: dict[str, Any] = {"percentile": percentile, "threshold": threshold}
+    for name, volumes in groups.items():
+        fractions = [float(np.mean(_median_scaled_foreground(_at_spacing(v, spacing)) > threshold)) for v in volumes]
+        out[name] = float(np.mean(fractions)) if fractions else None
+    return out

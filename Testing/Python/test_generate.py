@@ -151,3 +151,15 @@ def test_cli_count_evaluate_and_errors(model, reals, phantom_dir, tmp_path, caps
         err = capsys.readouterr().err.strip()
         assert err.startswith("diffusion-mic: error:") and "\n" not in err
         assert not bad.exists()
+
+
+def test_bright_tail_fractions_see_flair_lesions(phantom_dir):
+    """The lesion-condition measure: real lesion subjects' FLAIR goes above healthy tissue, healthy does not."""
+    from DiffusionMICLib.metrics import bright_tail_fractions
+    lesion = [read_volume(phantom_dir / "cleanTr" / f"phantom_00{i}_0003.nii.gz") for i in range(3)]
+    healthy = [read_volume(phantom_dir / "healthyTr" / f"phantom_00{i}_0003.nii.gz") for i in range(3)]
+    m = bright_tail_fractions({"lesion": lesion, "healthy": healthy}, healthy)
+    assert m["healthy"] == pytest.approx(0.001, abs=0.0005)
+    assert m["lesion"] > 2 * m["healthy"], m
+    with pytest.raises(DiffusionMICError, match="healthy"):
+        bright_tail_fractions({"lesion": lesion}, [])
