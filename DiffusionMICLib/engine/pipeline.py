@@ -123,6 +123,15 @@ def load_settings(config: str | Path | None) -> dict[str, Any]:
         raise DiffusionMICError(f"cannot read training config '{path}': {e}") from None
 
 
+def _run_record(training: dict[str, Any]) -> dict[str, Any]:
+    """One training run as the card's history lists it: its command, commit, the step and the
+    total wall time it ended at, and its learning-rate schedule."""
+    config = training.get("config", {})
+    return {"command": training.get("command", ""), "commit": training.get("commit"), "steps": training.get("steps"),
+            "wall_time_s": training.get("wall_time_s"), "lr": config.get("lr"),
+            "lr_schedule": config.get("lr_schedule", "constant"), "max_steps": config.get("max_steps")}
+
+
 def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[str, Any] | None = None,
           max_steps: int | None = None, device: str = "auto", progress: Progress | None = None,
           resume: bool = True, base: tuple[ModelCard, torch.nn.Module] | None = None) -> ModelCard:
@@ -169,8 +178,11 @@ def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[s
     trainer.fit(batches, on_step=lambda i, n, loss: progress.advance(loss=f"{loss:.4f}"), cancel=progress.cancel)
     progress.close()
     wall = time.perf_counter() - t0
-    if resumed and (out / "model.json").is_file():     # add the earlier runs' training time
-        wall += read_card(out).training.get("wall_time_s", 0.0)
+    runs: list[dict[str, Any]] = []
+    if resumed and (out / "model.json").is_file():     # add the earlier runs' training time and commands
+        earlier = read_card(out).training
+        wall += earlier.get("wall_time_s", 0.0)
+        runs = earlier.get("runs") or [_run_record(earlier)]
     card.training = {
         **card.training,   # task-specific training settings (noise range, variant, oversampling)
         "data": str(Path(data)), "cases": [c.id for c in cases], "config": config.to_dict(),
@@ -180,6 +192,7 @@ def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[s
         "final_loss": float(np.mean(trainer.losses[-20:])) if trainer.losses else None,
         **({"base_model": base[0].name} if base is not None else {}),
     }
+    card.training["runs"] = runs + [_run_record(card.training)]
     if "name" in settings:
         card.name = settings["name"]
     if trainer.rank == 0:

@@ -115,3 +115,18 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert result["world"] == 2
     # DDP averages gradients, so both ranks hold identical weights after every step
     assert abs(result["sums"][0] - result["sums"][1]) < 1e-4
+
+
+def test_resumed_training_lists_every_run_in_the_card(phantom_dir, tmp_path):
+    """A card trained in two runs records both commands and the total wall time."""
+    from DiffusionMICLib.engine.pipeline import train
+    from DiffusionMICLib.models import read_card
+    settings = {"network": TINY_NETWORK, "patch": [32, 32], "train": {"batch_size": 2, "checkpoint_every": 1000}}
+    first = train("denoise", phantom_dir, tmp_path, max_steps=2, settings={**settings, "command": "first"})
+    second = train("denoise", phantom_dir, tmp_path, max_steps=4,
+                   settings={**settings, "command": "second", "train": {**settings["train"], "lr_schedule": "cosine"}})
+    runs = read_card(tmp_path).training["runs"]
+    assert [(r["command"], r["steps"], r["lr_schedule"]) for r in runs] == [("first", 2, "constant"),
+                                                                             ("second", 4, "cosine")]
+    assert runs[0]["wall_time_s"] == first.training["wall_time_s"] <= second.training["wall_time_s"]
+    assert second.training["wall_time_s"] == runs[1]["wall_time_s"]
