@@ -43,6 +43,21 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
             "wall_time_s": card.training["wall_time_s"], "final_loss": card.training["final_loss"]}
 
 
+def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
+    from .engine.pipeline import finetune, load_settings
+    settings = load_settings(args.config)
+    settings.setdefault("command", "diffusion-mic " + " ".join(sys.argv[1:]))
+    if args.seed is not None:
+        settings.setdefault("train", {})["seed"] = args.seed
+    card = finetune(args.task, args.model, args.data, args.out, lora_rank=args.lora_rank, settings=settings,
+                    max_steps=args.max_steps, device=args.device, progress=_progress(args), resume=not args.restart)
+    tuned = card.training["finetune"]
+    return {"model": str(args.out), "name": card.name, "base_model": tuned["base_model"],
+            "lora_rank": tuned["lora_rank"], "trainable_parameters": tuned["trainable_parameters"],
+            "steps": card.training["steps"], "wall_time_s": card.training["wall_time_s"],
+            "final_loss": card.training["final_loss"]}
+
+
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     from .api import run
     from .tasks import RunOptions
@@ -161,6 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     common(sp)
     sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("finetune", help="fine-tune a trained model on a (small) data set, with LoRA by default")
+    sp.add_argument("task", choices=TASK_NAMES)
+    sp.add_argument("--model", required=True, help="the base model: a folder or a catalog name (left unchanged)")
+    sp.add_argument("--data", required=True)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--lora-rank", type=int, default=8, help="adapter rank; 0 fine-tunes all weights")
+    sp.add_argument("--config", help="JSON settings: train (max_steps, lr, batch_size, ...), cases, name")
+    sp.add_argument("--max-steps", type=int, help="default 500")
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    common(sp)
+    sp.set_defaults(func=cmd_finetune)
 
     sp = sub.add_parser("run", help="run a task's model on input volumes")
     sp.add_argument("task", choices=TASK_NAMES)

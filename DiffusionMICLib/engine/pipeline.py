@@ -12,10 +12,11 @@ import torch
 
 from ..datasets import read_dataset
 from ..errors import DiffusionMICError
-from ..models import REPO_ROOT, ModelCard, read_card, save_model
+from ..models import REPO_ROOT, ModelCard, load_model, read_card, resolve_model, save_model
 from ..progress import Progress
 from .batches import random_batches
 from .inference import bounding_box, count_batches, count_windows, infer_patches, infer_slices
+from .lora import add_lora, merge_lora, parameter_counts
 from .network import build_network, downsampling_factor
 from .sampler import conditioned, sample
 from .space import foreground
@@ -134,8 +135,10 @@ def _run_record(training: dict[str, Any]) -> dict[str, Any]:
 
 def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[str, Any] | None = None,
           max_steps: int | None = None, device: str = "auto", progress: Progress | None = None,
-          resume: bool = True, base: tuple[ModelCard, torch.nn.Module] | None = None) -> ModelCard:
-    """Train (or, with `base`, fine-tune) a task's model on a data set and save the model folder."""
+          resume: bool = True, base: tuple[ModelCard, torch.nn.Module] | None = None,
+          lora_rank: int = 0) -> ModelCard:
+    """Train (or, with `base`, fine-tune: all weights, or rank-`lora_rank` adapters) a task's model
+    on a data set and save the model folder."""
     from ..tasks import get_task   # tasks import the engine, not the other way round
 
     task = get_task(task_name)
@@ -150,7 +153,11 @@ def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[s
         raise DiffusionMICError(f"no training cases left in '{data}'")
     if base is not None:
         card, network = base
+        finetuned = {"base_model": card.name, "base_sha256": card.sha256, "lora_rank": lora_rank}
         card = ModelCard.from_dict({**card.to_dict(), "metrics": {}, "sha256": ""})
+        if lora_rank:
+            network = add_lora(network, lora_rank)
+        finetuned["trainable_parameters"], finetuned["parameters"] = parameter_counts(network)
     else:
         card = task.make_card(dataset, settings)
         network = build_network(card.network)
@@ -190,7 +197,7 @@ def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[s
         "world_size": trainer.world, "commit": commit,
         "command": settings.get("command", ""),
         "final_loss": float(np.mean(trainer.losses[-20:])) if trainer.losses else None,
-        **({"base_model": base[0].name} if base is not None else {}),
+        **({"finetune": finetuned} if base is not None else {}),
     }
     card.training["runs"] = runs + [_run_record(card.training)]
     if "name" in settings:
@@ -198,7 +205,36 @@ def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[s
     if trainer.rank == 0:
         trainer.save_checkpoint()
         with torch.inference_mode():
-            task.calibrate(card, trainer.ema.model, dataset, cases, dev, progress)
-        save_model(out, card, trainer.ema.model, half=bool(settings.get("half", False)))
+            shipped = merge_lora(trainer.ema.model)
+            task.calibrate(card, shipped, dataset, cases, dev, progress)
+        save_model(out, card, shipped, half=bool(settings.get("half", False)))
     trainer.close()
     return card
+
+
+# A fine-tuning run starts from trained weights: fewer, smaller steps than the base's training
+# (the adapters take a larger learning rate than full fine-tuning), decaying to the end.
+FINETUNE_TRAIN = {"max_steps": 500, "lr_schedule": "cosine", "time_limit_s": None, "ema_start": 0}
+FINETUNE_LR = {"lora": 5e-4, "full": 1e-4}
+
+
+def finetune(task_name: str, model: str | Path, data: str | Path, out: str | Path, *, lora_rank: int = 8,
+             settings: dict[str, Any] | None = None, max_steps: int | None = None, device: str = "auto",
+             progress: Progress | None = None, resume: bool = True) -> ModelCard:
+    """Fine-tune a trained model on a (small) data set: rank-`lora_rank` LoRA adapters merged into
+    the weights afterwards, or all weights with lora_rank=0. The base model is left as it was;
+    the new folder's card names it. `settings` may hold "train" overrides, "cases", "name"."""
+    if lora_rank < 0:
+        raise DiffusionMICError(f"LoRA rank must be 0 (all weights) or more, got {lora_rank}")
+    folder = resolve_model(model)
+    if Path(out).resolve() == folder.resolve():
+        raise DiffusionMICError(f"--out '{out}' is the base model's own folder; choose another")
+    card, network = load_model(folder)
+    if card.task != task_name:
+        raise DiffusionMICError(f"model '{card.name}' is a {card.task} model, not a {task_name} model")
+    settings = dict(settings or {})
+    lr = FINETUNE_LR["lora" if lora_rank else "full"]
+    settings["train"] = {**FINETUNE_TRAIN, "lr": lr, **settings.get("train", {})}
+    settings.setdefault("name", f"{card.name}-finetuned")
+    return train(task_name, data, out, settings=settings, max_steps=max_steps, device=device, progress=progress,
+                 resume=resume, base=(card, network), lora_rank=lora_rank)

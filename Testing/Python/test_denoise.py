@@ -180,3 +180,55 @@ def test_noise_range_matches_the_phantoms_percent_of_brightest_tissue(phantom_di
     measured = float(np.std((real.cond - real.target)[inside])) / 2
     print(f"noise sigma (unit scale): synthetic 5 % {synthetic:.4f}, phantom 5 % {measured:.4f}")
     assert 0.75 < synthetic / measured < 1.33
+
+
+@pytest.fixture(scope="module")
+def noisier_site(tmp_path_factory):
+    """A 'site' whose scans are noisier (12 %) than the base model's training data (5 %)."""
+    from DiffusionMICLib.phantom import write_phantom
+    out = tmp_path_factory.mktemp("site")
+    write_phantom(out, subjects=2, seed=77, resolution=2.0, noise=12.0, lesions=1)
+    return out
+
+
+def test_lora_finetune_adapts_to_a_noisier_site_and_leaves_the_base(tiny_model, noisier_site, tmp_path, capsys):
+    from DiffusionMICLib.cli import main as cli_main
+    from DiffusionMICLib.models import load_model
+    base_weights = (tiny_model / "model.safetensors").read_bytes()
+    config = tmp_path / "finetune.json"
+    config.write_text(json.dumps({"cases": ["phantom_000"]}))     # phantom_001 is the site's held-out scan
+    out = tmp_path / "tuned"
+    assert cli_main(["finetune", "denoise", "--model", str(tiny_model), "--data", str(noisier_site), "--out", str(out),
+                     "--lora-rank", "4", "--max-steps", "120", "--config", str(config), "--progress", "none"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["lora_rank"] == 4 and printed["steps"] == 120
+    base, _ = load_model(tiny_model)
+    card, network = load_model(out)             # a plain network: the adapters are merged
+    tuned = card.training["finetune"]
+    assert tuned["base_model"] == base.name and tuned["base_sha256"] == base.sha256 and card.name == f"{base.name}-finetuned"
+    assert 0 < tuned["trainable_parameters"] < 0.3 * tuned["parameters"]
+    assert card.network == base.network and not any("lora" in k for k in network.state_dict())
+    assert (tiny_model / "model.safetensors").read_bytes() == base_weights
+    noisy = read_volume(noisier_site / "imagesTr" / "phantom_001_0000.nii.gz")
+    clean = read_volume(noisier_site / "cleanTr" / "phantom_001_0000.nii.gz")
+    labels = read_volume(noisier_site / "labelsTr" / "phantom_001.nii.gz")
+    brain = labels.with_array((labels.array > 0).astype(np.uint8))
+    psnr = {name: dmic.evaluate("denoise", dmic.denoise(noisy, model).outputs["output"], clean, brain)["psnr"]
+            for name, model in (("base", tiny_model), ("tuned", out))}
+    print(f"site 12 % noise, held-out scan: PSNR base {psnr['base']:.2f} -> fine-tuned {psnr['tuned']:.2f}")
+    assert psnr["tuned"] > psnr["base"] + 0.5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lora-rank", "-1"], "LoRA rank"),
+    (["--out", "{model}"], "base model's own folder"),
+])
+def test_finetune_refuses_bad_options(tiny_model, noisier_site, tmp_path, capsys, args, message):
+    from DiffusionMICLib.cli import main as cli_main
+    argv = ["finetune", "denoise", "--model", str(tiny_model), "--data", str(noisier_site), "--out", str(tmp_path / "x"),
+            "--progress", "none"] + [a.format(model=tiny_model) for a in args]
+    assert cli_main(argv) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert cli_main(["finetune", "segment", "--model", str(tiny_model), "--data", str(noisier_site),
+                     "--out", str(tmp_path / "y"), "--progress", "none"]) == 2
+    assert "not a segment model" in capsys.readouterr().err
