@@ -43,6 +43,7 @@ class ModelCard:
     classes: list[str] = field(default_factory=list)         # class-conditional names
     labels: dict[str, int] = field(default_factory=dict)     # segmentation labels
     patch: list[int] | None = None       # training crop (2D slice crop or 3D patch)
+    context: int = 0                     # 2D models: neighbouring slices each side added to the conditioning
     grid: dict[str, Any] | None = None   # generate: output size/spacing
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -52,6 +53,8 @@ class ModelCard:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise DiffusionMICError(f"model card task {self.task!r} is not one of {', '.join(TASKS)}")
+        if self.context and (self.context < 0 or self.spatial_dims != 2):
+            raise DiffusionMICError(f"context (neighbouring slices) must be >= 0 and needs a 2D network, got {self.context}")
 
     @property
     def noise_schedule(self) -> NoiseSchedule:

@@ -47,6 +47,17 @@ def count_windows(shape: tuple[int, ...], patch: tuple[int, ...], overlap: float
     return n
 
 
+def stack_neighbours(a: np.ndarray, context: int) -> np.ndarray:
+    """(C, z, y, x) -> (C * (2 context + 1), z, y, x): each channel followed by copies shifted by
+    -context..+context slices along z (edge slices repeated), so that a 2D model sees, at slice z,
+    the slices around it as extra channels ("2.5D")."""
+    if context == 0:
+        return a
+    depth = a.shape[1]
+    index = np.clip(np.arange(depth)[None, :] + np.arange(-context, context + 1)[:, None], 0, depth - 1)
+    return np.ascontiguousarray(a[:, index].reshape(a.shape[0] * (2 * context + 1), *a.shape[1:]))
+
+
 def infer_slices(predict: Predict, cond: np.ndarray | None, out_channels: int, shape: tuple[int, int, int],
                  *, factor: int, batch_size: int, crop: tuple[slice, ...] | None = None,
                  background: float = -1.0, on_batch: Callable[[], None] | None = None) -> np.ndarray:

@@ -15,7 +15,8 @@ from ..errors import DiffusionMICError
 from ..models import REPO_ROOT, ModelCard, load_model, read_card, resolve_model, save_model
 from ..progress import Progress
 from .batches import random_batches
-from .inference import bounding_box, count_batches, count_windows, infer_patches, infer_slices
+from .inference import (bounding_box, count_batches, count_windows, infer_patches, infer_slices,
+                        stack_neighbours)
 from .lora import add_lora, merge_lora, parameter_counts
 from .network import build_network, downsampling_factor
 from .sampler import conditioned, sample
@@ -56,6 +57,8 @@ def sample_volume(card: ModelCard, network: torch.nn.Module, cond: np.ndarray | 
     both (C, z, y, x) in [-1, 1]. The progress counts sampler steps across all batches.
     """
     out_channels = card.network["out_channels"]
+    if cond is not None and card.context:
+        cond = stack_neighbours(cond, card.context)
     n_cond = 0 if cond is None else cond.shape[0]
     stacked = [a for a in (cond, start) if a is not None]
     inputs = np.concatenate(stacked) if stacked else None
@@ -168,6 +171,9 @@ def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[s
     torch.manual_seed(config.seed)
     progress.start("load data", len(cases))
     training_cases = task.training_cases(card, dataset, cases)
+    for example in training_cases:
+        if example.cond is not None and card.context:
+            example.cond = stack_neighbours(example.cond, card.context)
     progress.advance(len(cases))
     out = Path(out)
     trainer = Trainer(network, card.noise_schedule, config, dev,

@@ -3,6 +3,8 @@
 Training pairs come from the data set's noisy images (imagesTr) and clean targets (cleanTr).
 With `noise_range` in the settings (percent of the brightest tissue), fresh Rician noise is
 drawn from the clean target for every batch instead, so one model covers many noise levels.
+With {"context": k} in the settings, the 2D model also sees the k slices on either side of each
+slice (2.5D): their noise is independent and their anatomy nearly the same.
 The output is in the input's units (the normalisation is inverted).
 """
 from __future__ import annotations
@@ -41,11 +43,12 @@ class Denoise(Task):
 
     def make_card(self, dataset: Dataset, settings: dict[str, Any]) -> ModelCard:
         spec = settings.get("task", {})
+        context = int(settings.get("context", 0))
         return ModelCard(
             name=settings.get("name", "denoise"), task=self.name,
             inputs=["noisy"], outputs=["clean"],
             description=settings.get("description", "Conditional diffusion denoiser for brain MRI (any contrast)."),
-            network=network_config(2, 1, **settings.get("network", {})),
+            network=network_config(1 + (2 * context + 1), 1, **settings.get("network", {})), context=context,
             schedule={"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "v_prediction",
                       **settings.get("schedule", {})},
             normalisation=NORMALISATION, patch=settings.get("patch", [64, 64]),
@@ -68,7 +71,8 @@ class Denoise(Task):
                 space = ModelSpace.enter([noisy, clean], card.orientation, card.spacing)
                 scale = robust_scale(space.arrays[0], card.normalisation)
                 arrays = to_unit(space.arrays, scale)
-                out.append(TrainingCase(target=arrays[1:], cond=None if synth else arrays[:1],
+                # with synthetic noise, the conditioning holds the clean image until augment() adds the noise
+                out.append(TrainingCase(target=arrays[1:], cond=arrays[1:] if synth else arrays[:1],
                                         foreground=foreground(space.arrays[1])))
         return out
 
@@ -78,7 +82,7 @@ class Denoise(Task):
         lo, hi = card.training["noise_range"]
 
         def add_noise(batch: Batch, generator: torch.Generator) -> Batch:
-            clean01 = (batch.target + 1) / 2
+            clean01 = (batch.cond + 1) / 2      # the clean slice (and its neighbours, with context)
             # percent of the brightest tissue: each crop's 99th percentile (about 0.55 for T1 white
             # matter in these units, where the foreground median is 0.5)
             shape = (clean01.shape[0],) + (1,) * (clean01.ndim - 1)

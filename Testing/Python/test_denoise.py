@@ -169,7 +169,7 @@ def test_noise_range_matches_the_phantoms_percent_of_brightest_tissue(phantom_di
     task, ds = get_task("denoise"), read_dataset(phantom_dir)
     card = task.make_card(ds, {"task": {"noise_range": [5, 5], "channels": ["T1"]}})
     (case,) = task.training_cases(card, ds, ds.cases[:1])
-    assert case.cond is None
+    np.testing.assert_array_equal(case.cond, case.target)      # clean until augment() adds the noise
     batch = next(random_batches([case], spatial_dims=2, patch=[64, 64], batch_size=32, seed=0,
                                 augment=task.augment(card)))
     inside = batch.target > -0.2    # brain and scalp, away from the Rician floor of the background
@@ -232,3 +232,24 @@ def test_finetune_refuses_bad_options(tiny_model, noisier_site, tmp_path, capsys
     assert cli_main(["finetune", "segment", "--model", str(tiny_model), "--data", str(noisier_site),
                      "--out", str(tmp_path / "y"), "--progress", "none"]) == 2
     assert "not a segment model" in capsys.readouterr().err
+
+
+def test_context_slices_stack_neighbours_and_train_a_2p5d_denoiser(phantom_dir, heldout_dir, tmp_path):
+    """"context": 1 gives the 2D model the slices above and below: shapes, edges, and a run whose
+    output keeps the input's grid."""
+    from DiffusionMICLib.engine.inference import stack_neighbours
+    from DiffusionMICLib.errors import DiffusionMICError
+    from DiffusionMICLib.models import ModelCard
+    a = np.arange(2 * 4 * 1 * 1, dtype=np.float32).reshape(2, 4, 1, 1)
+    s = stack_neighbours(a, 1)
+    assert s.shape == (6, 4, 1, 1)
+    np.testing.assert_array_equal(s[:3, :, 0, 0], [[0, 0, 1, 2], [0, 1, 2, 3], [1, 2, 3, 3]])   # channel 0: z-1, z, z+1
+    np.testing.assert_array_equal(s[4], a[1])
+    card = train("denoise", phantom_dir, tmp_path / "m", max_steps=30,
+                 settings={**SETTINGS, "context": 1, "task": {"noise_range": [3, 7], "channels": ["T1"]}})
+    assert card.context == 1 and card.network["in_channels"] == 4
+    noisy = read_volume(heldout_dir / "imagesTr" / "phantom_000_0000.nii.gz")
+    out = dmic.denoise(noisy, tmp_path / "m").outputs["output"]
+    assert out.geometry.same_as(noisy.geometry, tol=1e-9) and np.isfinite(out.array).all()
+    with pytest.raises(DiffusionMICError, match="context"):
+        ModelCard.from_dict({**card.to_dict(), "network": {**card.network, "spatial_dims": 3}})
