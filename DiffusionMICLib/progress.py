@@ -28,11 +28,12 @@ class Progress:
         self.step = 0
         self.steps = 0
 
-    def start(self, stage: str, steps: int) -> None:
+    def start(self, stage: str, steps: int, done: int = 0) -> None:
+        """A new stage of `steps` steps, `done` of them already (a resumed training)."""
         self.close()
-        self.stage_name, self.step, self.steps = stage, 0, max(0, steps)
+        self.stage_name, self.step, self.steps = stage, done, max(0, steps)
         if self.mode == "tqdm":
-            self._bar = tqdm(total=self.steps or None, desc=stage, file=self.stream, dynamic_ncols=True)
+            self._bar = tqdm(total=self.steps or None, initial=done, desc=stage, file=self.stream, dynamic_ncols=True)
         self._report()
 
     def advance(self, n: int = 1, **info) -> None:

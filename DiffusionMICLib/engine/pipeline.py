@@ -184,8 +184,7 @@ def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[s
                              batch_size=config.batch_size, seed=config.seed * 7919 + trainer.rank + trainer.step,
                              focus_fraction=float(card.training.get("oversample", 0.0)),
                              augment=task.augment(card))
-    progress.start("train", config.max_steps)
-    progress.step = trainer.step
+    progress.start("train", config.max_steps, done=trainer.step)
     commit = git_commit()     # the code this training starts from
     t0 = time.perf_counter()
     trainer.fit(batches, on_step=lambda i, n, loss: progress.advance(loss=f"{loss:.4f}"), cancel=progress.cancel)

@@ -130,3 +130,16 @@ def test_resumed_training_lists_every_run_in_the_card(phantom_dir, tmp_path):
                                                                              ("second", 4, "cosine")]
     assert runs[0]["wall_time_s"] == first.training["wall_time_s"] <= second.training["wall_time_s"]
     assert second.training["wall_time_s"] == runs[1]["wall_time_s"]
+
+
+def test_progress_of_a_resumed_run_starts_where_it_stopped(capsys):
+    import io
+    from DiffusionMICLib.progress import Progress
+    stream = io.StringIO()
+    p = Progress("tqdm", stream=stream)
+    p.start("train", 10, done=4)
+    p.advance()
+    p.close()
+    assert p.step == 5 and "5/10" in stream.getvalue()
+    Progress("json").start("train", 10, done=4)
+    assert '"step": 4' in capsys.readouterr().out
