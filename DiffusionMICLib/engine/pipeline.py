@@ -144,6 +144,7 @@ def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[s
     on a data set and save the model folder."""
     from ..tasks import get_task   # tasks import the engine, not the other way round
 
+    commit = git_commit()     # the code this training starts from (checked first: the modules are loaded by now)
     task = get_task(task_name)
     settings = dict(settings or {})
     progress = progress or Progress()
@@ -185,7 +186,6 @@ def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[s
                              focus_fraction=float(card.training.get("oversample", 0.0)),
                              augment=task.augment(card))
     progress.start("train", config.max_steps, done=trainer.step)
-    commit = git_commit()     # the code this training starts from
     t0 = time.perf_counter()
     trainer.fit(batches, on_step=lambda i, n, loss: progress.advance(loss=f"{loss:.4f}"), cancel=progress.cancel)
     progress.close()

@@ -9,9 +9,8 @@ from DiffusionMICLib.demo import BUNDLED
 from DiffusionMICLib.models import load_model, read_catalog, resolve_model
 from DiffusionMICLib.volume import read_volume
 
-# The issue asks for +6 dB; the bundled denoiser reaches +5.95 dB on average over four held-out
-# subjects (+6.2 on this one): the test guards what was reached, the closing note says the rest.
-DENOISE_GAIN_DB = 5.5
+# The issue's target; the bundled 2.5D denoiser reaches +6.74 dB on average over four held-out subjects.
+DENOISE_GAIN_DB = 6.0
 
 
 @pytest.fixture(scope="module")
