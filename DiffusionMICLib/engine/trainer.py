@@ -205,5 +205,8 @@ class Trainer:
 
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
+            # every rank reaches this point before any tears down its connections: otherwise gloo
+            # can abort a rank whose peer has already closed the socket ("Connection closed by peer")
+            dist.barrier()
             dist.destroy_process_group()
 

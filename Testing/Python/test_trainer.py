@@ -110,7 +110,8 @@ def test_ddp_two_processes_gloo(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script)],
                           capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    causes = [line for line in proc.stderr.splitlines() if "Error" in line or "what()" in line or "terminate" in line]
+    assert proc.returncode == 0, "\n".join(causes[:10]) + proc.stderr[-1500:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["world"] == 2
     # DDP averages gradients, so both ranks hold identical weights after every step
