@@ -55,9 +55,10 @@ def main(out: Path, progress: Progress | None = None, device: str = "auto") -> d
     summary_figure(out / "summary.png", outcomes, rows)
     metrics["wall_time_s"] = round(time.perf_counter() - t0, 1)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"\n{'task':<10}{'metric':<22}{'baseline':>10}{'result':>10}  target")
+    width = max(len("metric"), *(len(row[1]) for row in rows)) + 2
+    print(f"\n{'task':<10}{'metric':<{width}}{'baseline':>10}{'result':>10}  target")
     for row in rows:
-        print(f"{row[0]:<10}{row[1]:<22}{row[2]:>10}{row[3]:>10}  {row[4]}")
+        print(f"{row[0]:<10}{row[1]:<{width}}{row[2]:>10}{row[3]:>10}  {row[4]}")
     print(f"total {metrics['wall_time_s']:.0f} s; volumes (NRRD), metrics.json and figures in {out}")
     return {"out": str(out), "metrics": str(out / "metrics.json"), "summary": str(out / "summary.png"),
             "wall_time_s": metrics["wall_time_s"]}
