@@ -31,26 +31,28 @@ def cmd_phantom(args: argparse.Namespace) -> dict[str, Any]:
     return {"out": str(args.out), "cases": cases, "wall_time_s": round(time.perf_counter() - t0, 2)}
 
 
-def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
-    from .engine.pipeline import load_settings, train
+def _training_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """--config's settings, with the command line recorded for the card and --seed applied."""
+    from .engine.pipeline import load_settings
     settings = load_settings(args.config)
     settings.setdefault("command", "diffusion-mic " + " ".join(sys.argv[1:]))
     if args.seed is not None:
         settings.setdefault("train", {})["seed"] = args.seed
-    card = train(args.task, args.data, args.out, settings=settings, max_steps=args.max_steps,
+    return settings
+
+
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from .engine.pipeline import train
+    card = train(args.task, args.data, args.out, settings=_training_settings(args), max_steps=args.max_steps,
                  device=args.device, progress=_progress(args), resume=not args.restart)
     return {"model": str(args.out), "name": card.name, "steps": card.training["steps"],
             "wall_time_s": card.training["wall_time_s"], "final_loss": card.training["final_loss"]}
 
 
 def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
-    from .engine.pipeline import finetune, load_settings
-    settings = load_settings(args.config)
-    settings.setdefault("command", "diffusion-mic " + " ".join(sys.argv[1:]))
-    if args.seed is not None:
-        settings.setdefault("train", {})["seed"] = args.seed
-    card = finetune(args.task, args.model, args.data, args.out, lora_rank=args.lora_rank, settings=settings,
-                    max_steps=args.max_steps, device=args.device, progress=_progress(args), resume=not args.restart)
+    from .engine.pipeline import finetune
+    card = finetune(args.task, args.model, args.data, args.out, lora_rank=args.lora_rank,
+                    settings=_training_settings(args), max_steps=args.max_steps, device=args.device, progress=_progress(args), resume=not args.restart)
     tuned = card.training["finetune"]
     return {"model": str(args.out), "name": card.name, "base_model": tuned["base_model"],
             "lora_rank": tuned["lora_rank"], "trainable_parameters": tuned["trainable_parameters"],

@@ -331,10 +331,16 @@ def bright_tail_fractions(groups: dict[str, list[Volume | np.ndarray]], healthy:
         raise DiffusionMICError("bright-tail fractions need healthy volumes and at least one group")
     first = next(v for vs in groups.values() for v in vs)
     spacing = first.spacing if isinstance(first, Volume) else None
-    pooled = np.concatenate([_median_scaled_foreground(_at_spacing(v, spacing)) for v in healthy])
-    threshold = float(np.percentile(pooled, percentile))
+    scaled: dict[int, np.ndarray] = {}     # once per volume: the healthy ones are often a group too
+
+    def values(v: Volume | np.ndarray) -> np.ndarray:
+        if id(v) not in scaled:
+            scaled[id(v)] = _median_scaled_foreground(_at_spacing(v, spacing))
+        return scaled[id(v)]
+
+    threshold = float(np.percentile(np.concatenate([values(v) for v in healthy]), percentile))
     out: dict[str, Any] = {"percentile": percentile, "threshold": threshold}
     for name, volumes in groups.items():
-        fractions = [float(np.mean(_median_scaled_foreground(_at_spacing(v, spacing)) > threshold)) for v in volumes]
+        fractions = [float(np.mean(values(v) > threshold)) for v in volumes]
         out[name] = float(np.mean(fractions)) if fractions else None
     return out
