@@ -143,6 +143,19 @@ def cmd_demo(args: argparse.Namespace) -> Any:
     return demo_main(Path(args.out), progress=_progress(args), device=args.device)
 
 
+def cmd_study(args: argparse.Namespace) -> Any:
+    from .study import run_study, write_report
+    if args.task == "report":
+        if not args.dir:
+            raise DiffusionMICError("'study report' needs the study's folder: diffusion-mic study report DIR")
+        return write_report(args.dir)
+    if args.dir:
+        raise DiffusionMICError(f"unexpected argument '{args.dir}'; the study's folder is --out")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    return run_study(args.task, data=args.data, out=args.out, quick=args.quick, methods=methods,
+                     device=args.device, progress=_progress(args))
+
+
 def cmd_benchmark(args: argparse.Namespace) -> Any:
     from .benchmark import main as bench_main
     return bench_main(size=args.size, steps=args.steps, batch=args.batch, repeats=args.repeats)
@@ -234,6 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="demo-out")
     common(sp)
     sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("study", help="diffusion against the traditional models on the same data and budget",
+                        description="Train every method of TASK on the same cases with the same budget, evaluate "
+                                    "them on the same held-out cases, and write OUT/TASK.json, .md and .png; "
+                                    "'study report DIR' merges the tasks into DIR/report.md.")
+    sp.add_argument("task", choices=(*TASK_NAMES, "report"), help="the task to study, or 'report'")
+    sp.add_argument("dir", nargs="?", help="report: the study's folder")
+    sp.add_argument("--data", help="an nnU-Net v2 / MSD data set, split by a fixed seed "
+                                   "(default: phantom subjects, training seed 100, held-out seed 9001)")
+    sp.add_argument("--out", default="study", help="the study's folder (default: %(default)s)")
+    sp.add_argument("--quick", action="store_true", help="tiny budgets: proves the wiring, not the ranking")
+    sp.add_argument("--methods", help="comma-separated method names (default: all of the task's)")
+    common(sp)
+    sp.set_defaults(func=cmd_study)
 
     sp = sub.add_parser("benchmark", help="time UNet forward and sampling per sampler (prints a table)")
     sp.add_argument("--size", type=int, default=96)

@@ -23,7 +23,7 @@ def image_metrics(pred: Volume, ref: Volume, mask: Volume | None = None) -> dict
 
     PSNR uses the reference's range inside the mask as peak; NMAE is the mean absolute error
     over that range; SSIM (MONAI, 3D, 7-voxel Gaussian window) is computed on the mask's
-    bounding box.
+    bounding box (2D SSIM when that box is one slice thick).
     """
     _check_grid(pred, ref, mask)
     p = pred.array.astype(np.float64)
@@ -35,11 +35,14 @@ def image_metrics(pred: Volume, ref: Volume, mask: Volume | None = None) -> dict
     data_range = float(r[m].max() - r[m].min()) or 1.0
     rmse = float(np.sqrt(np.mean(diff**2)))
     box = bounding_box(m, margin=0)
-    pt = torch.from_numpy(p[box]).float()[None, None]
-    rt = torch.from_numpy(r[box]).float()[None, None]
+    pb, rb = p[box], r[box]
+    if 1 in pb.shape:     # a single slice (a 2D image as a volume): 2D SSIM over its plane
+        pb, rb = pb.squeeze(), rb.squeeze()
+    pt = torch.from_numpy(np.atleast_2d(pb)).float()[None, None]
+    rt = torch.from_numpy(np.atleast_2d(rb)).float()[None, None]
     win = min(7, *[s for s in rt.shape[2:]])
     win = win if win % 2 else win - 1
-    ssim = SSIMMetric(spatial_dims=3, data_range=data_range, win_size=max(win, 1))(pt, rt)
+    ssim = SSIMMetric(spatial_dims=rt.ndim - 2, data_range=data_range, win_size=max(win, 1))(pt, rt)
     return {
         "rmse": rmse,
         "nmae": float(np.mean(np.abs(diff)) / data_range),
