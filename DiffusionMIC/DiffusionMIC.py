@@ -153,6 +153,12 @@ class DiffusionMICWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.populateModels()
         self.initializeParameterNode()
 
+    def onReload(self) -> None:
+        """Developer mode: DiffusionMICModule/ is imported afresh too (Slicer reloads only this file)."""
+        for name in [n for n in sys.modules if n == "DiffusionMICModule" or n.startswith("DiffusionMICModule.")]:
+            del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)
+
     def cleanup(self) -> None:
         self._cancelAll()
         self._timer.stop()
