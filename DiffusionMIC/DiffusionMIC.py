@@ -24,7 +24,7 @@ for _root in (_MODULE_DIR, os.path.dirname(_MODULE_DIR)):
             sys.path.insert(0, _root)
         break
 
-from DiffusionMICModule import catalog, install, panels, selftest  # noqa: E402
+from DiffusionMICModule import catalog, install, panels, sampledata, selftest  # noqa: E402
 from DiffusionMICModule.compat import (  # noqa: E402,F401
     HAVE_QT,
     ScriptedLoadableModule,
@@ -36,7 +36,7 @@ from DiffusionMICModule.compat import (  # noqa: E402,F401
 )
 from DiffusionMICModule.compat import tr as _  # noqa: E402
 from DiffusionMICModule.jobs import DiffusionMICCancelled, DiffusionMICJob, DiffusionMICResult  # noqa: E402,F401
-from DiffusionMICModule.logic import DependencyError, DiffusionMICLogic  # noqa: E402
+from DiffusionMICModule.logic import DependencyError, DiffusionMICLogic  # noqa: E402,F401
 from DiffusionMICModule.panels import PANELS, TASKS  # noqa: E402,F401
 from DiffusionMICModule.panelview import PanelView  # noqa: E402
 from DiffusionMICModule.parameters import DiffusionMICParameterNode, DiffusionMICSampling  # noqa: E402,F401
@@ -73,36 +73,10 @@ The module follows the 3D Slicer scripted module template by Jean-Christophe Fil
         iconPath = resourcePath("Icons/DiffusionMIC.png")
         if os.path.isfile(iconPath):
             self.parent.icon = qt.QIcon(iconPath)   # also found when loaded from a source checkout
-        slicer.app.connect("startupCompleted()", registerSampleData)
+        slicer.app.connect("startupCompleted()", sampledata.register)
 
     def resourcePath(self, filename):
         return resourcePath(filename)
-
-
-def loadSamplePhantom(source=None) -> None:
-    """The Sample Data button: dependencies first (asking before installing), then the phantom."""
-    logic = DiffusionMICLogic()
-    try:
-        logic.ensureDependencies()
-    except DependencyError:
-        return   # the installer has said why
-    with slicer.util.tryWithErrorDisplay(_("Could not simulate the DiffusionMIC brain phantom."), waitCursor=True):
-        nodes = logic.loadSamplePhantom()
-        slicer.util.setSliceViewerLayers(background=nodes[0], fit=True)
-
-
-def registerSampleData():
-    """"DiffusionMIC brain phantom": simulated locally (nothing is downloaded). SampleData calls
-    customDownloader only from its button; scripts call DiffusionMICLogic().loadSamplePhantom()."""
-    import SampleData
-    if hasattr(SampleData.SampleDataLogic, "registerCustomSampleDataCategory"):   # Slicer >= 5.11
-        SampleData.SampleDataLogic.registerCustomSampleDataCategory("DiffusionMIC", title=_("DiffusionMIC"))
-    SampleData.SampleDataLogic.registerCustomSampleDataSource(
-        category="DiffusionMIC", sampleName="DiffusionMIC brain phantom",
-        thumbnailFileName=resourcePath("Icons/DiffusionMICBrainPhantom.png"),
-        # SampleDataSource needs uris, fileNames and nodeNames; they only describe what gets loaded.
-        uris="local:DiffusionMICLib.phantom", fileNames="DiffusionMICBrainPhantom.nii.gz",
-        nodeNames="DiffusionMIC phantom T1", customDownloader=loadSamplePhantom)
 
 
 class DiffusionMICWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):

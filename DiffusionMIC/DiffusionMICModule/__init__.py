@@ -11,6 +11,7 @@ install:   torch (PyTorchUtils) and Resources/requirements.txt: check, and insta
 catalog:   model catalog, model cards and Python requirements, without importing torch
 mrml:      volumes to/from files, segmentations, tables, subject hierarchy (MRML only)
 views:     side by side with linked views, and back
+sampledata: the "DiffusionMIC brain phantom" sample data button
 selftest:  the body of DiffusionMICTest
 compat:    Slicer's Qt-based Python packages, or stand-ins on slicer-core
 """
