@@ -5,15 +5,37 @@
     result = dmic.denoise(vol, "brain-mri-denoise", steps=10)
     dmic.write_volume(result.outputs["output"], "t1-denoised.nrrd")
     dmic.finetune("denoise", "brain-mri-denoise", "my-site-data/", "models/site-denoise")   # LoRA
-"""
-from .api import (anomaly, denoise, detect_anomalies, evaluate, evaluate_many, generate, run, segment,
-                  translate)
-from .engine.pipeline import finetune, train
-from .errors import Cancelled, DiffusionMICError
-from .models import ModelCard, load_model
-from .progress import Progress
-from .tasks import RunOptions, RunResult
-from .volume import Geometry, Volume, VolumeError, read_volume, write_volume
 
-__all__ = ["Cancelled", "DiffusionMICError", "Geometry", "ModelCard", "Progress", "RunOptions", "RunResult",
-           "Volume", "VolumeError", "anomaly", "denoise", "detect_anomalies", "evaluate", "evaluate_many", "finetune", "generate", "load_model", "read_volume", "run", "segment", "train", "translate", "write_volume"]
+The names below are imported on first use (PEP 562), so that `import DiffusionMICLib` and
+commands that need little (`diffusion-mic phantom`, `models list`) do not load the engine
+(diffusers, MONAI networks) first.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "anomaly": "api", "denoise": "api", "detect_anomalies": "api", "evaluate": "api", "evaluate_many": "api",
+    "generate": "api", "run": "api", "segment": "api", "translate": "api",
+    "finetune": "engine.pipeline", "train": "engine.pipeline",
+    "Cancelled": "errors", "DiffusionMICError": "errors",
+    "ModelCard": "models", "load_model": "models",
+    "Progress": "progress",
+    "RunOptions": "tasks", "RunResult": "tasks",
+    "Geometry": "volume", "Volume": "volume", "VolumeError": "volume", "read_volume": "volume",
+    "write_volume": "volume",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

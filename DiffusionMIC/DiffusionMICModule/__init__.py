@@ -1,7 +1,17 @@
-"""Helpers of the DiffusionMIC Slicer module (not part of DiffusionMICLib, which stays Slicer-free).
+"""Parts of the DiffusionMIC Slicer module, by concern (not DiffusionMICLib, which stays Slicer-free).
 
-backend: the library's command line as a background process (no slicer, no Qt)
-catalog: model catalog, model cards and Python requirements, without importing torch
-mrml:    volumes to/from files, segmentations, tables, subject hierarchy, views (MRML only)
-compat:  stand-ins for Slicer's Qt-based Python packages when running on slicer-core
+logic:     DiffusionMICLogic: runs, compare, sample data, training (no Qt)
+jobs:      background runs (DiffusionMICJob) and their results
+results:   a run's output files into the scene: names, import, display
+backend:   the library's command line as a background process (no slicer, no Qt)
+panels:    the task panels as a table; input selectors and options from a model card (no Qt, no MRML)
+panelview: one panel's Qt widgets, filled as panels.py says (Slicer's application only)
+parameters: the parameter node (parameterNodeWrapper)
+install:   torch (PyTorchUtils) and Resources/requirements.txt: check, and install after asking
+catalog:   model catalog, model cards and Python requirements, without importing torch
+mrml:      volumes to/from files, segmentations, tables, subject hierarchy (MRML only)
+views:     side by side with linked views, and back
+sampledata: the "DiffusionMIC brain phantom" sample data button
+selftest:  the body of DiffusionMICTest
+compat:    Slicer's Qt-based Python packages, or stand-ins on slicer-core
 """

@@ -8,17 +8,20 @@ with one clear line on stderr.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import queue
 import signal
 import subprocess
-import sys
 import threading
 import time
 from typing import Any, Callable
 
 __all__ = ["BackendError", "BackendProcess", "parseResult"]
+
+_running: set["BackendProcess"] = set()   # started, not yet ended or reaped
+_runningLock = threading.Lock()
 
 
 class BackendError(RuntimeError):
@@ -58,7 +61,8 @@ class BackendProcess:
 
     poll() never blocks: it hands the progress lines read so far to `onProgress` and returns
     True once the process has ended and all its output is read. cancel() ends the process and
-    its children (the whole process group; on Windows the process tree).
+    its children (the whole process group; on Windows the process tree) without blocking the
+    caller: a background thread reaps them. At interpreter exit whatever is left is killed.
     """
 
     def __init__(self, command: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
@@ -72,6 +76,8 @@ class BackendProcess:
         self.cancelled = False
         self.startTime = time.monotonic()
         self._queue: queue.Queue = queue.Queue()
+        self.reaped = threading.Event()     # set once the process is gone and its pipes closed
+        self._killNow = threading.Event()
         kwargs: dict[str, Any] = {}
         if os.name == "nt":
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
@@ -84,6 +90,8 @@ class BackendProcess:
                          for stream, name in ((self.proc.stdout, "out"), (self.proc.stderr, "err"))]
         for t in self._readers:
             t.start()
+        with _runningLock:
+            _running.add(self)
 
     @property
     def pid(self) -> int:
@@ -133,6 +141,8 @@ class BackendProcess:
             t.join(timeout=5)
         self._drain()
         self.returncode = self.proc.returncode
+        if not self.cancelled:
+            self._forget()
         return True
 
     def wait(self, timeout: float | None = None, interval: float = 0.05,
@@ -164,35 +174,62 @@ class BackendProcess:
             raise BackendError(self.errorMessage())
         return parseResult(self.stdoutLines)
 
-    def cancel(self, grace: float = 3.0) -> None:
-        """End the process and all its children; returns once they are gone (or killed)."""
+    def cancel(self, grace: float = 3.0, onReaped: Callable[[], None] | None = None) -> None:
+        """Stop the process and all its children; returns at once (the GUI never waits).
+
+        SIGTERM goes to the process group now; a background thread gives it `grace` seconds,
+        then kills whatever is left of the group, closes the pipes and calls `onReaped` (from
+        that thread). `reaped` is set when all this is done.
+        """
+        if self.cancelled:
+            return
         self.cancelled = True
-        if self.proc.poll() is None:
+        if os.name != "nt" and self.proc.poll() is None:
             self._signalGroup(terminate=True)
-            try:
-                self.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
-        # Kill whatever is left in the group (children that ignored SIGTERM, or orphans).
+        threading.Thread(target=self._reap, args=(grace, onReaped), name=f"DiffusionMIC reaper {self.pid}",
+                         daemon=True).start()
+
+    def kill(self) -> None:
+        """Kill the process group now (no grace); a pending cancel() finishes at once."""
+        self.cancelled = True
+        self._killNow.set()
         self._signalGroup(terminate=False)
+
+    def _reap(self, grace: float, onReaped: Callable[[], None] | None) -> None:
         try:
-            self.proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-        for stream in (self.proc.stdout, self.proc.stderr):
+            if os.name == "nt":
+                self._signalGroup(terminate=True)
+            deadline = time.monotonic() + grace
+            while self.proc.poll() is None and time.monotonic() < deadline and not self._killNow.is_set():
+                self._killNow.wait(0.05)
+            # Kill whatever is left in the group (children that ignored SIGTERM, or orphans).
+            self._signalGroup(terminate=False)
             try:
-                stream.close()
-            except (OSError, ValueError):
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:   # unkillable (uninterruptible I/O): leave it to the OS
                 pass
-        for t in self._readers:
-            t.join(timeout=1)
-        self.poll()
+            for stream in (self.proc.stdout, self.proc.stderr):
+                try:
+                    stream.close()
+                except (OSError, ValueError):
+                    pass
+            for t in self._readers:
+                t.join(timeout=1)
+        finally:
+            self._forget()
+            self.reaped.set()
+            if onReaped is not None:
+                onReaped()
+
+    def _forget(self) -> None:
+        with _runningLock:
+            _running.discard(self)
 
     def _signalGroup(self, terminate: bool) -> None:
+        """SIGTERM (terminate) or SIGKILL to the process group; on Windows taskkill /F /T, which
+        ends the process tree at once (PythonSlicer.exe is a launcher with a child)."""
         if os.name == "nt":
-            # taskkill /T ends the process tree (PythonSlicer.exe is a launcher with a child);
-            # /F does not ask, so the second (kill) round has nothing left to do.
-            if terminate:
+            if self.proc.poll() is None:
                 subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.proc.pid)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
@@ -203,6 +240,11 @@ class BackendProcess:
             pass
 
 
-def pythonCommand(python: str | None = None) -> list[str]:
-    """[python, "-m", "DiffusionMICLib"]: the library's command line as a module."""
-    return [python or sys.executable, "-m", "DiffusionMICLib"]
+@atexit.register
+def _killLeftovers() -> None:
+    """At exit (Slicer closing mid-run, or mid-cancel): no backend process may outlive us."""
+    with _runningLock:
+        left = list(_running)
+    for process in left:
+        process.kill()
+

@@ -21,6 +21,17 @@ SAMPLERS = ["dpm++2m", "ddim", "unipc", "ddpm"]
 FALLBACK_DEFAULTS = {"sampler": "dpm++2m", "steps": 10, "seed": 0, "strength": 1.0, "ensemble": 1, "guidance": 1.0}
 
 
+_MODULE_DIR = Path(__file__).resolve().parents[1]   # the folder of DiffusionMIC.py
+
+
+def resourcePath(filename: str = "") -> str:
+    """Resources/ of the installed module (next to DiffusionMIC.py) or of the source checkout (one up)."""
+    for base in (_MODULE_DIR, _MODULE_DIR.parent):
+        if (base / "Resources").is_dir():
+            return str(base / "Resources" / filename)
+    return str(_MODULE_DIR / "Resources" / filename)
+
+
 def libraryRoot() -> Path | None:
     """The folder holding the DiffusionMICLib package that `import DiffusionMICLib` finds (not imported)."""
     spec = importlib.util.find_spec("DiffusionMICLib")
@@ -140,13 +151,19 @@ def _split(requirement: str) -> tuple[str, str]:
     return m.group(1), m.group(2).split(";", 1)[0].strip()
 
 
+def installedVersion(name: str) -> str | None:
+    import importlib.metadata
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def isSatisfied(requirement: str) -> bool:
     """True if the distribution is installed in a version the requirement accepts."""
-    import importlib.metadata
     name, spec = _split(requirement)
-    try:
-        version = importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
+    version = installedVersion(name)
+    if version is None:
         # Some Slicer builds bundle packages without metadata (e.g. SimpleITK): try the import name.
         return importlib.util.find_spec(_IMPORT_NAMES.get(name, name.replace("-", "_"))) is not None
     if not spec:

@@ -1,5 +1,5 @@
 """MRML scene helpers of the DiffusionMIC module: volumes to and from files, geometry, subject
-hierarchy, segmentations, metric tables and slice views.
+hierarchy, segmentations and metric tables (slice views: views.py).
 
 Only MRML (no Qt): all of this runs on slicer-core outside Slicer as well as inside it.
 Every function that creates nodes leaves the scene as it was if it fails.
@@ -209,11 +209,18 @@ def commitSegmentation(staging: Staging, source, name: str, reference, labels: d
                        outputNode=None, emptySegments: list[str] | None = None):
     """A Segmentation node from a label map file's voxels, segments named and coloured from
     `labels` ({name: value}, background 0 skipped); `emptySegments` adds named empty segments
-    for labels that are absent (e.g. an anomaly mask with nothing found)."""
+    for labels that are absent (e.g. an anomaly mask with nothing found).
+
+    The voxels are in `reference`'s own coordinates, so the segmentation goes under the
+    reference's parent transform, as commitVolume does for volumes.
+    """
     labelmap = _asIntegerLabelmap(source)
     node = outputNode if outputNode is not None else staging.add("vtkMRMLSegmentationNode", name)
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
+    # ImportLabelmapToSegmentationNode maps the label map (world coordinates: it is outside the
+    # scene) into the segmentation's parent frame; with no parent transform it is copied as is.
+    node.SetAndObserveTransformNodeID(None)
     node.SetReferenceImageGeometryParameterFromVolumeNode(reference)
     segmentation = node.GetSegmentation()
     segmentation.RemoveAllSegments()
@@ -236,6 +243,7 @@ def commitSegmentation(staging: Staging, source, name: str, reference, labels: d
             segmentID = segmentation.AddEmptySegment("", segName, segmentColour(segName, value - 1))
             segmentation.GetSegment(segmentID).SetTag(TAG_LABEL_VALUE, str(value))
     node.SetAttribute("DiffusionMIC.labels", ",".join(f"{n}={v}" for n, v in (labels or {}).items()))
+    node.SetAndObserveTransformNodeID(reference.GetTransformNodeID())
     return node
 
 
@@ -350,53 +358,3 @@ def tableRows(table) -> list[dict[str, str]]:
     """The table's rows as {column name: cell text}."""
     return [{table.GetColumnName(c): table.GetCellText(r, c) for c in range(table.GetNumberOfColumns())}
             for r in range(table.GetNumberOfRows())]
-
-
-# ---- views -----------------------------------------------------------------------------------
-
-def sliceCompositeNode(layoutName: str):
-    for node in slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode"):
-        if node.GetLayoutName() == layoutName:
-            return node
-    return None
-
-
-def sliceNode(layoutName: str):
-    for node in slicer.util.getNodesByClass("vtkMRMLSliceNode"):
-        if node.GetLayoutName() == layoutName:
-            return node
-    return None
-
-
-def showSideBySide(leftVolume, rightNode, background=None) -> None:
-    """Red view: `leftVolume`; Yellow view: `rightNode` (a volume, or a segmentation drawn on
-    `background`); same orientation, linked. Uses the scene's layout node (Slicer's GUI has one)."""
-    layout = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLLayoutNode")
-    if layout is not None:
-        layout.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
-    red, yellow = sliceCompositeNode("Red"), sliceCompositeNode("Yellow")
-    isSegmentation = rightNode.IsA("vtkMRMLSegmentationNode")
-    if red is not None:
-        red.SetBackgroundVolumeID(leftVolume.GetID())
-        red.SetForegroundVolumeID(None)
-        red.SetLabelVolumeID(None)
-    if yellow is not None:
-        yellowVolume = (background or leftVolume) if isSegmentation else rightNode
-        yellow.SetBackgroundVolumeID(yellowVolume.GetID())
-        yellow.SetForegroundVolumeID(None)
-        yellow.SetLabelVolumeID(None)
-    if isSegmentation and rightNode.GetDisplayNode() is not None:
-        yellowSlice = sliceNode("Yellow")
-        display = rightNode.GetDisplayNode()
-        display.RemoveAllViewNodeIDs()
-        if yellowSlice is not None:
-            display.AddViewNodeID(yellowSlice.GetID())
-            for view in slicer.util.getNodesByClass("vtkMRMLViewNode"):   # keep it in the 3D views
-                display.AddViewNodeID(view.GetID())
-    redSlice, yellowSlice = sliceNode("Red"), sliceNode("Yellow")
-    if redSlice is not None and yellowSlice is not None:
-        yellowSlice.SetOrientation(redSlice.GetOrientation())
-    for composite in (red, yellow):
-        if composite is not None:
-            composite.SetLinkedControl(True)
-            composite.SetHotLinkedControl(True)

@@ -8,7 +8,6 @@ Widget's code statically.
 """
 from __future__ import annotations
 
-import ast
 import json
 import os
 import re
@@ -30,8 +29,8 @@ UI_FILE = REPO / "Resources" / "UI" / "DiffusionMIC.ui"
 sys.path.insert(0, str(MODULE_DIR))
 slicer.mrmlScene = slicer.vtkMRMLScene()   # the module imports slicer.mrmlScene-using helpers
 import DiffusionMIC as module  # noqa: E402
-from DiffusionMICModule import catalog, mrml  # noqa: E402
-from DiffusionMICModule.backend import BackendError  # noqa: E402
+from DiffusionMICModule import catalog, install, mrml, panels, views  # noqa: E402
+from DiffusionMICModule.backend import BackendError, BackendProcess  # noqa: E402
 
 TINY = {"network": {"channels": [16, 32], "attention_levels": [False, False], "norm_num_groups": 16},
         "patch": [48, 48], "train": {"batch_size": 4}}
@@ -256,6 +255,8 @@ def test_parameter_defaults():
         assert (sampling.sampler, sampling.steps, sampling.seed, sampling.strength, sampling.ensemble,
                 sampling.guidance) == ("dpm++2m", 10, 0, 1.0, 1, 1.0)
         assert getattr(p, f"{task}Model") == "" and getattr(p, f"{task}Output") is None
+        assert getattr(p, f"{task}Inputs", []) == []
+    assert p.segmentInputs is not p.denoiseInputs
     assert getattr(p, "generate") is not getattr(p, "denoise")    # one pack per panel
     assert catalog.FALLBACK_DEFAULTS == {k: getattr(p.denoise, k) for k in catalog.FALLBACK_DEFAULTS}
 
@@ -323,19 +324,27 @@ def test_ui_file_matches_parameter_node_and_widget():
                  if c.find("signal").text == "mrmlSceneChanged(vtkMRMLScene*)"}
     mrml_widgets = {n for n, w in widgets.items() if w.get("class") in ("qMRMLNodeComboBox", "qMRMLTableView")}
     assert mrml_widgets == connected
-    # Names the Widget code uses: self.ui.<name> and self._widget(<panel>, "<suffix>").
-    source = (MODULE_DIR / "DiffusionMIC.py").read_text()
-    used = set(re.findall(r"self\.ui\.(\w+)", source))
-    for suffix in set(re.findall(r'_widget\(\w+, f?"(\w+?)(?:\{i\})?"\)', source)):
-        panels = ("compare",) + module.TASKS if suffix in ("ProgressBar", "StatusLabel") else module.TASKS
-        for panel in panels:
-            if suffix.startswith("Input"):
-                used |= {f"{panel}{suffix}{i}" for i in range(module.MAX_INPUTS)} if panel != "generate" else set()
-                used.discard(f"denoise{suffix}1"), used.discard(f"denoise{suffix}2")
-            else:
-                used.add(f"{panel}{suffix}")
-    missing = sorted(n for n in used if n not in widgets)
+    # Every panel of the table has its widgets; the code uses no other suffix than these.
+    suffixes = ("ApplyButton", "ModelComboBox", "ModelInfoLabel", "ProgressBar", "StatusLabel", "InputsWidget",
+                "ScoreLabel", "ConditionComboBox", "MetricsButton")
+    required = {f"{p.task}{s}" for p in panels.PANELS for s in suffixes[:5]}
+    required |= {f"{p.task}InputsWidget" for p in panels.PANELS if p.takesInputs}
+    required |= {f"{p.task}ScoreLabel" for p in panels.PANELS if p.showsScore}
+    required |= {f"{p.task}ConditionComboBox" for p in panels.PANELS if "condition" in p.extraOptions}
+    required |= {"compareProgressBar", "compareStatusLabel", "compareMetricsButton"}
+    source = (MODULE_DIR / "DiffusionMIC.py").read_text() + (MODULE_DIR / "DiffusionMICModule" / "panelview.py").read_text()
+    required |= set(re.findall(r"self\.ui\.(\w+)", source))
+    assert set(re.findall(r'widget\((?:\w+, )?"(\w+)"', source)) <= set(suffixes)
+    missing = sorted(n for n in required if n not in widgets)
     assert not missing, missing
+    for p in panels.PANELS:   # the input selectors are built into a form layout, bound by hand
+        if p.takesInputs:
+            assert [c.get("class") for c in widgets[f"{p.task}InputsWidget"].findall("layout")] == ["QFormLayout"]
+            assert get_origin(fields[f"{p.task}Inputs"]) is list
+            assert get_args(fields[f"{p.task}Inputs"]) == (slicer.vtkMRMLScalarVolumeNode,)
+        for name in p.extraOptions:
+            assert f"{p.task}{name[0].upper()}{name[1:]}" in fields
+        assert {f"{p.task}Model", p.task, f"{p.task}Output"} <= set(fields)
 
 
 def test_catalog_reader_agrees_with_library(tmp_path, monkeypatch, models):
@@ -436,12 +445,58 @@ def test_cancel_real_backend_leaves_scene_unchanged(phantom, models):
     time.sleep(1.0)
     assert job.poll() is False
     pid = job.process.pid
-    job.cancel()
+    job.cancel()                                           # returns at once; reaped in the background
     assert job.state == "cancelled" and not finished
+    assert job.process.reaped.wait(30)
     assert not _alive(pid) and not _group_members(pid)
     assert node_count() == count and not os.path.exists(job.tempDir)
     with pytest.raises(module.DiffusionMICCancelled):
         job.wait()
+
+
+def _rotated_transform(degrees=10.0, shift=(5.0, -3.0, 2.0)):
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "scanner")
+    m = np.eye(4)
+    a = np.radians(degrees)
+    m[:2, :2] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
+    m[:3, 3] = shift
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, m[r, c])
+    transform.SetMatrixTransformToParent(matrix)
+    return transform, m
+
+
+def test_four_input_segmentation_through_the_panel_under_a_transform(phantom, monkeypatch):
+    """The bundled brain-mri-lesion-segment (T1, T2, PD, FLAIR): the Segment panel's selectors
+    from its card, filled from the scene, run through the real backend; the Segmentation goes
+    under the inputs' transform, aligned with them in world space."""
+    _, arrays = phantom
+    transform, m = _rotated_transform()
+    nodes = {}
+    for name in ("T1 clean", "T1", "T2", "PD", "FLAIR"):
+        nodes[name] = add_volume(crop(arrays[name]), f"DiffusionMIC phantom {name}")
+        nodes[name].SetAndObserveTransformNodeID(transform.GetID())
+    logic = module.DiffusionMICLogic()
+    slots = panels.inputSlots(panels.panel("segment"), logic.modelCard("brain-mri-lesion-segment"))
+    volumes = [(n.GetName(), n) for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")]
+    inputs = panels.matchInputs(slots, volumes)
+    assert inputs == [nodes["T1"], nodes["T2"], nodes["PD"], nodes["FLAIR"]]
+    read = {}
+    original = mrml.readVolume
+    monkeypatch.setattr(mrml, "readVolume", lambda path, *a, **k: read.setdefault(
+        os.path.basename(path), original(path, *a, **k)))
+    seg = logic.segment(inputs, model="brain-mri-lesion-segment", steps=1)
+    assert seg.IsA("vtkMRMLSegmentationNode") and seg.GetTransformNodeID() == transform.GetID()
+    assert set(mrml.segmentNames(seg)) <= {"CSF", "GM", "WM", "lesion"} and len(mrml.segmentNames(seg)) >= 3
+    labels = slicer.util.arrayFromVolume(read["output.nrrd"]).astype(np.int16)
+    t1 = nodes["T1"]
+    assert np.array_equal(mrml.labelArrayFromSegmentation(seg, t1), labels)        # what Compare writes
+    # World space: a reference grid without a transform, where the transformed T1 grid lies.
+    hardened = add_volume(np.zeros_like(labels, dtype=np.uint8), "hardened", matrix=m @ mrml.ijkToRAS(t1),
+                          className="vtkMRMLLabelMapVolumeNode")
+    assert np.array_equal(mrml.labelArrayFromSegmentation(seg, hardened), labels)
 
 
 # ---- fake backend: process handling --------------------------------------------------------
@@ -458,11 +513,47 @@ def test_cancel_kills_the_process_group(fake, phantom):
     ids = json.loads(pids.read_text())
     assert _alive(ids["backend"]) and _alive(ids["child"])
     job.cancel()
-    deadline = time.monotonic() + 10
-    while (_alive(ids["child"]) or _group_members(job.process.pid)) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    assert job.process.reaped.wait(30)
     assert not _alive(ids["backend"]) and not _alive(ids["child"]) and not _group_members(job.process.pid)
     assert node_count() == count and job.state == "cancelled" and not os.path.exists(job.tempDir)
+
+
+IGNORES_SIGTERM = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); "
+                   "time.sleep(600)")
+
+
+def _started(process):
+    deadline = time.monotonic() + 60
+    while "ready" not in process.stdoutLines:
+        assert not process.poll() and time.monotonic() < deadline
+        time.sleep(0.05)
+    return process
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+def test_cancel_does_not_block_and_kills_after_the_grace_period():
+    process = _started(BackendProcess([sys.executable, "-c", IGNORES_SIGTERM]))
+    before = time.monotonic()
+    process.cancel(grace=60.0)
+    assert time.monotonic() - before < 10                   # returns long before its 60 s grace
+    assert _alive(process.pid) and not process.reaped.is_set()   # it ignores SIGTERM: still in its grace
+    process.kill()                                          # what happens at exit; also ends the grace
+    assert process.reaped.wait(30)
+    assert not _alive(process.pid) and not _group_members(process.pid)
+    short = _started(BackendProcess([sys.executable, "-c", IGNORES_SIGTERM]))
+    short.cancel(grace=0.5)                                 # SIGTERM ignored: killed after the grace
+    assert short.reaped.wait(30) and not _alive(short.pid) and not _group_members(short.pid)
+
+
+def test_no_backend_process_outlives_the_interpreter():
+    from DiffusionMICModule import backend
+    process = _started(BackendProcess([sys.executable, "-c", IGNORES_SIGTERM]))
+    assert process in backend._running
+    backend._killLeftovers()                               # registered with atexit
+    assert process.proc.wait(timeout=30) != 0 and process.poll()
+    done = BackendProcess([sys.executable, "-c", "print('ready')"])
+    done.wait(timeout=60)
+    assert done not in backend._running
 
 
 def test_backend_error_is_its_last_stderr_line(fake, phantom):
@@ -507,8 +598,8 @@ def test_bad_requests_fail_before_starting(phantom, models):
 
 @pytest.fixture(scope="module")
 def task_runs(phantom, models):
-    """translate, segment, anomaly, generate, denoise (into an existing node) and the phantom
-    sample data started together, then polled as the GUI's timer does."""
+    """translate, segment, anomaly, generate and denoise (into an existing node) started together,
+    then polled as the GUI's timer does."""
     from DiffusionMICLib.tasks import TASKS
     scene = slicer.vtkMRMLScene()
     slicer.mrmlScene = scene
@@ -541,7 +632,6 @@ def task_runs(phantom, models):
     jobs["denoise"] = logic.start("denoise", [nodes["T1"]], models["denoise"], outputNode=nodes["existing"], steps=3,
                                   seed=1, show=False, onProgress=lambda j: progress.append((j.fraction, j.status)),
                                   onFinished=finished.append, onError=failed.append)
-    jobs["phantom"] = logic.startPhantom(seed=3, onFinished=lambda r: results.__setitem__("phantom", r))
     denoise = {"job": jobs["denoise"], "progress": progress, "finished": finished, "failed": failed,
                "started": os.path.isfile(os.path.join(jobs["denoise"].tempDir, "input0.nrrd")),
                "nodes while running": node_count() - count}
@@ -554,7 +644,6 @@ def task_runs(phantom, models):
     finally:
         mrml.readVolume = original
     errors = {t: j.error for t, j in jobs.items() if j.state != "finished" and t != "denoise"}
-    assert "phantom" not in errors, errors.get("phantom")
     return {"scene": scene, "nodes": nodes, "results": results, "errors": errors, "logic": logic, "read": read,
             "denoise": denoise}
 
@@ -642,7 +731,7 @@ def test_anomaly_real_backend(task_runs):
     display = amap.GetDisplayNode()
     assert display.GetApplyThreshold() and display.GetLowerThreshold() == pytest.approx(result.info["threshold"])
     for layout in ("Red", "Yellow"):                     # a coloured overlay on the input
-        composite = mrml.sliceCompositeNode(layout)
+        composite = views.sliceCompositeNode(layout)
         assert composite.GetBackgroundVolumeID() == flair.GetID()
         assert composite.GetForegroundVolumeID() == amap.GetID() and composite.GetForegroundOpacity() == 0.5
     expected = task_runs["read"][result.info["outputs"]["mask"]] > 0
@@ -710,45 +799,75 @@ def test_compare_segmentation_keeps_label_values_and_appends_rows(fake, phantom)
     assert logic.lastResult.info["ref_values"] == values
 
 
-def test_side_by_side_links_the_views(phantom):
-    scene = slicer.mrmlScene
+def _slice_views(scene):
+    """A layout node and Red/Yellow/Green slice views, as Slicer's application makes them."""
     layout = slicer.vtkMRMLLayoutNode()
     scene.AddNode(layout)
-    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)   # as Slicer's application does
-    for name in ("Red", "Yellow"):
+    layout.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView)
+    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
+    for name, orientation in (("Red", "Axial"), ("Yellow", "Sagittal"), ("Green", "Coronal")):
         slice_node = scene.CreateNodeByClass("vtkMRMLSliceNode")
         slice_node.UnRegister(None)
         slice_node.SetLayoutName(name)
-        slice_node.SetOrientation("Axial" if name == "Red" else "Sagittal")
+        slice_node.SetOrientation(orientation)
         scene.AddNode(slice_node)
         composite = slicer.vtkMRMLSliceCompositeNode()
         composite.SetLayoutName(name)
         scene.AddNode(composite)
+    return layout
+
+
+def test_side_by_side_links_the_views(phantom):
+    layout = _slice_views(slicer.mrmlScene)
     _, arrays = phantom
     t1 = add_volume(crop(arrays["T1"]), "T1")
     result = add_volume(crop(arrays["T1 clean"]), "T1_denoised")
     logic = module.DiffusionMICLogic()
     logic.showSideBySide(t1, result)
     assert layout.GetViewArrangement() == slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView
-    red, yellow = mrml.sliceCompositeNode("Red"), mrml.sliceCompositeNode("Yellow")
+    red, yellow = views.sliceCompositeNode("Red"), views.sliceCompositeNode("Yellow")
     assert red.GetBackgroundVolumeID() == t1.GetID() and yellow.GetBackgroundVolumeID() == result.GetID()
     assert red.GetLinkedControl() and yellow.GetLinkedControl() and red.GetHotLinkedControl()
-    assert mrml.sliceNode("Yellow").GetOrientation() == "Axial"
+    assert views.sliceNode("Yellow").GetOrientation() == "Axial"
     # A segmentation result: drawn over the input in the right view only.
     seg = mrml.commitSegmentation(mrml.Staging(), mrml.volumeFromArray(crop(arrays["labels"]), t1), "seg", t1,
                                   {"CSF": 1, "GM": 2, "WM": 3})
     logic.showSideBySide(t1, seg)
     assert yellow.GetBackgroundVolumeID() == t1.GetID()
-    views = [seg.GetDisplayNode().GetNthViewNodeID(i) for i in range(seg.GetDisplayNode().GetNumberOfViewNodeIDs())]
-    assert views == [mrml.sliceNode("Yellow").GetID()]
+    assert views.viewNodeIDs(seg.GetDisplayNode()) == [views.sliceNode("Yellow").GetID()]
+
+
+def test_side_by_side_restores_segmentation_views_when_the_layout_changes(phantom):
+    layout = _slice_views(slicer.mrmlScene)
+    _, arrays = phantom
+    t1 = add_volume(crop(arrays["T1"]), "T1")
+    seg = mrml.commitSegmentation(mrml.Staging(), mrml.volumeFromArray(crop(arrays["labels"]), t1), "seg", t1,
+                                  {"CSF": 1, "GM": 2, "WM": 3})
+    mask = mrml.commitSegmentation(mrml.Staging(), mrml.volumeFromArray((crop(arrays["labels"]) == 3).astype(np.uint8), t1), "mask", t1,
+                                   {"WM": 1})
+    green = views.sliceNode("Green").GetID()
+    mask.GetDisplayNode().AddViewNodeID(green)            # the user's own choice: Green view only
+    logic = module.DiffusionMICLogic()
+    logic.showSideBySide(t1, seg)
+    logic.showSideBySide(t1, mask)
+    yellow = [views.sliceNode("Yellow").GetID()]
+    assert views.viewNodeIDs(seg.GetDisplayNode()) == yellow == views.viewNodeIDs(mask.GetDisplayNode())
+    layout.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)   # still side by side
+    assert views.viewNodeIDs(seg.GetDisplayNode()) == yellow
+    layout.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView)       # the user leaves it
+    assert views.viewNodeIDs(seg.GetDisplayNode()) == []          # all views again (Red and Green too)
+    assert views.viewNodeIDs(mask.GetDisplayNode()) == [green]    # as the user had it
+    assert not seg.GetDisplayNode().GetAttribute(views.SAVED_VIEWS)
+    # Side by side again, then back: restored once more (the observer is set up again).
+    logic.showSideBySide(t1, seg)
+    layout.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutConventionalView)
+    assert views.viewNodeIDs(seg.GetDisplayNode()) == []
 
 
 # ---- sample data -------------------------------------------------------------------------------
 
-def test_phantom_sample_data_is_simulated_locally(task_runs):
-    slicer.mrmlScene = task_runs["scene"]
-    result = task_runs["results"]["phantom"]
-    nodes = list(result.nodes.values())
+def test_sample_phantom_loads_from_the_logic():
+    nodes = module.DiffusionMICLogic().loadSamplePhantom(seed=3)
     names = [n.GetName() for n in nodes]
     assert names == ["DiffusionMIC phantom T1", "DiffusionMIC phantom T2", "DiffusionMIC phantom PD",
                      "DiffusionMIC phantom FLAIR", "DiffusionMIC phantom T1 clean", "DiffusionMIC phantom labels"]
@@ -760,18 +879,65 @@ def test_phantom_sample_data_is_simulated_locally(task_runs):
         assert np.array_equal(mrml.ijkToRAS(node), mrml.ijkToRAS(t1))
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
     assert {sh_parent(n) for n in nodes} == {sh.GetItemChildWithName(sh.GetSceneItemID(), "DiffusionMIC brain phantom")}
-    assert json.loads(t1.GetAttribute("DiffusionMIC.phantom"))["seed"] == 3
-    assert result.info["cases"] == ["phantom_000"]
+    assert json.loads(t1.GetAttribute("DiffusionMIC.phantom")) == {"seed": 3, "case": "phantom_000"}
+    # The Segment panel fills the bundled model's four inputs from these names.
+    slots = panels.inputSlots(panels.panel("segment"), catalog.readCard("brain-mri-lesion-segment"))
+    assert panels.matchInputs(slots, [(n.GetName(), n) for n in nodes]) == nodes[:4]
 
 
-def test_self_test_class_is_defined_for_slicer():
-    """DiffusionMICTest runs inside Slicer; here: it exists and names the Logic it exercises."""
-    source = (MODULE_DIR / "DiffusionMIC.py").read_text()
-    tree = ast.parse(source)
-    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
-    test = classes["DiffusionMICTest"]
-    assert [b.id for b in test.bases] == ["ScriptedLoadableModuleTest"]
-    body = ast.get_source_segment(source, test)
-    for call in ("loadPhantom", "denoise(", "compare(", "showSideBySide", "segment(", "translate(", "anomaly(",
-                 "generate(", "cancel()"):
-        assert call in body, call
+def test_dependencies_are_checked_before_any_backend_call(monkeypatch, tmp_path):
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("numpy>=1\nsurely-not-installed-pkg>=1\n")
+    monkeypatch.setattr(install.catalog, "resourcePath", lambda name="": str(tmp_path / name))
+    started = []
+    monkeypatch.setattr(module.DiffusionMICLogic, "_tempDir", lambda self: started.append(1))
+    count = node_count()
+    with pytest.raises(module.DependencyError, match="surely-not-installed-pkg>=1"):
+        module.DiffusionMICLogic().loadSamplePhantom()
+    assert not started and node_count() == count                 # nothing started, nothing made
+
+
+def test_torch_version_is_checked_and_passed_to_pytorchutils(monkeypatch):
+    tomllib = pytest.importorskip("tomllib")
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert "torch" + install.TORCH_REQUIREMENT in declared        # one range: the library's own
+    assert install.torchInstalled() and module.DiffusionMICLogic.torchInstalled()
+    monkeypatch.setattr(install, "TORCH_REQUIREMENT", ">=99")    # an installed torch that is too old
+    assert not install.torchInstalled()
+    assert install.missingDependencies() == ["torch>=99"]
+    with pytest.raises(module.DependencyError, match="torch>=99"):
+        module.DiffusionMICLogic().ensureDependencies()
+    # In Slicer: PyTorchUtils gets the range (SlicerPyTorch's installTorch(askConfirmation,
+    # forceComputationBackend, torchVersionRequirement, ...)); here it is a recorder.
+    calls, shown = [], []
+
+    class PyTorchUtilsLogic:
+        def installTorch(self, askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None,
+                         torchvisionVersionRequirement=None):
+            calls.append((askConfirmation, torchVersionRequirement))
+            return None                                             # the user declined
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", type(sys)("PyTorchUtils"))
+    sys.modules["PyTorchUtils"].PyTorchUtilsLogic = PyTorchUtilsLogic
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: shown.append(text), raising=False)
+    assert install.ensureDependencies() is False
+    assert calls == [(True, ">=99")] and shown == ["DiffusionMIC cannot run without PyTorch."]
+
+
+# ---- the self-test -------------------------------------------------------------------------------
+
+def test_self_test_is_defined_and_skips_without_dependencies(monkeypatch):
+    """DiffusionMICTest runs inside Slicer; here: what it exercises, and its skip without torch/MONAI."""
+    import unittest
+    source = (MODULE_DIR / "DiffusionMICModule" / "selftest.py").read_text()
+    for call in ("loadSamplePhantom", "denoise(", "compare(", "showSideBySide", "segment(", "translate(", "anomaly(",
+                 "generate(", "cancel()", "inputSlots("):
+        assert call in source, call
+    assert module.selftest.skipReason() is None
+    monkeypatch.setattr(install, "missingDependencies", lambda: ["torch>=2.2,<2.14", "monai>=1.4"])
+    reason = module.selftest.skipReason()
+    assert "torch>=2.2,<2.14, monai>=1.4" in reason
+    result = unittest.TestResult()
+    unittest.defaultTestLoader.loadTestsFromTestCase(module.DiffusionMICTest).run(result)
+    assert result.testsRun == 1 and not result.errors and not result.failures
+    assert [r for _, r in result.skipped] == [reason]

@@ -1,0 +1,141 @@
+"""The module's task panels as a table, and what a panel shows for a chosen model.
+
+Plain Python (no Qt, no MRML): the Widget renders what these functions return, so that the
+panel logic (how many input selectors, their labels, which volume goes where, the run
+options) is tested on its own. A new panel is one more row of PANELS plus its .ui section.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from . import catalog
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One task panel: the model's task, its title, what it takes and what it makes."""
+
+    task: str
+    title: str
+    takesInputs: bool = True
+    outputClass: str = "vtkMRMLScalarVolumeNode"
+    extraOptions: tuple[str, ...] = ()    # parameter-node fields passed to Logic.start by name
+    feedsCompare: bool = True             # a finished run fills the Compare panel
+    showsScore: bool = False              # the result's score goes into <task>ScoreLabel
+
+
+PANELS: tuple[Panel, ...] = (
+    Panel("generate", "Generate", takesInputs=False, extraOptions=("count", "condition"), feedsCompare=False),
+    Panel("translate", "Modality conversion"),
+    Panel("segment", "Segment", outputClass="vtkMRMLSegmentationNode"),
+    Panel("denoise", "Denoise"),
+    Panel("anomaly", "Anomaly detection", showsScore=True),
+)
+TASKS: tuple[str, ...] = tuple(p.task for p in PANELS)
+
+
+def panel(task: str) -> Panel:
+    for p in PANELS:
+        if p.task == task:
+            return p
+    raise KeyError(f"no panel for task {task!r}")
+
+
+@dataclass(frozen=True)
+class InputSlot:
+    """One input selector: its position in the model's inputs and the contrast it expects."""
+
+    index: int
+    contrast: str          # the card's input name ("T1", "FLAIR", ...); "" if the card names none
+
+    @property
+    def label(self) -> str:
+        return f"Input ({self.contrast}):" if self.contrast else "Input volume:"
+
+    @property
+    def toolTip(self) -> str:
+        if self.contrast:
+            return f"The {self.contrast} volume (input {self.index + 1} of the model)"
+        return "The input volume"
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """What a panel shows for one model (or none)."""
+
+    slots: tuple[InputSlot, ...]
+    conditions: tuple[str, ...] = ()       # class-conditional generators: the classes
+    info: str = ""
+    toolTip: str = ""
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+def inputSlots(p: Panel, card: dict[str, Any] | None) -> tuple[InputSlot, ...]:
+    """One slot per input the model's card names (any number); one unnamed slot without a card."""
+    if not p.takesInputs:
+        return ()
+    names = [str(n) for n in (card or {}).get("inputs") or []]
+    if not names:
+        return (InputSlot(0, ""),)
+    return tuple(InputSlot(i, name) for i, name in enumerate(names))
+
+
+def describeModel(p: Panel, model: str, card: dict[str, Any] | None) -> ModelView:
+    """Input slots, condition choices, info text, tooltip and sampling defaults for `model`."""
+    if not model:
+        info = f"No {p.task} model in the catalog yet."
+        return ModelView(inputSlots(p, None), info=info, toolTip="No model: add one to the catalog or choose a folder",
+                         defaults=catalog.cardDefaults(None))
+    return ModelView(inputSlots(p, card), tuple((card or {}).get("classes") or ()),
+                     info=(card or {}).get("description", ""), toolTip=catalog.cardTooltip(card, model),
+                     defaults=catalog.cardDefaults(card))
+
+
+def _words(name: str) -> list[str]:
+    return [w.lower() for w in re.split(r"[\s_\-.]+", name) if w]
+
+
+def matchInputs(slots: Iterable[InputSlot], volumes: list[tuple[str, Any]], current: list[Any] | None = None) -> list:
+    """A volume for each slot: the current choice if there is one, else the volume whose name
+    ends with the slot's contrast ("... T1"), else one whose name holds it as a word; unnamed
+    slots take the first volume. `volumes` is [(name, node)] in scene order."""
+    current = list(current or [])
+    chosen = []
+    for slot in slots:
+        node = current[slot.index] if slot.index < len(current) else None
+        if node is None and slot.contrast:
+            wanted = slot.contrast.lower()
+            last = [v for n, v in volumes if _words(n)[-1:] == [wanted]]
+            anywhere = [v for n, v in volumes if wanted in _words(n)]
+            node = (last or anywhere or [None])[0]
+        elif node is None and not slot.contrast and volumes:
+            node = volumes[0][1]
+        chosen.append(node)
+    return chosen
+
+
+def carryInputs(oldSlots: Iterable[InputSlot], oldNodes: list, newSlots: Iterable[InputSlot]) -> list:
+    """When another model is chosen: each new slot keeps the volume chosen for the same contrast."""
+    byContrast = {slot.contrast: node for slot, node in zip(oldSlots, oldNodes) if node is not None}
+    return [byContrast.get(slot.contrast) for slot in newSlots]
+
+
+def runOptions(p: Panel, sampling: dict[str, Any], extras: dict[str, Any], device: str) -> dict[str, Any]:
+    """Keyword arguments of Logic.start for a panel's current parameters."""
+    options = {key: sampling[key] for key in catalog.FALLBACK_DEFAULTS}
+    options["device"] = device
+    for name in p.extraOptions:
+        value = extras.get(name)
+        options[name] = None if value == "" else value
+    return options
+
+
+def canApply(p: Panel, model: str, inputs: list) -> tuple[bool, str]:
+    """Whether Apply can run, and the button's tooltip saying why not."""
+    if not model:
+        return False, "Choose a model"
+    if p.takesInputs and (not inputs or not all(inputs)):
+        return False, "Choose the input volume(s)"
+    return True, f"Run {p.title}"

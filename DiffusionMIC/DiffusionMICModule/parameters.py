@@ -1,0 +1,68 @@
+"""The module's parameter node (parameterNodeWrapper): every panel's choices, saved with the scene."""
+
+from typing import Annotated, Union
+
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
+
+from .catalog import SAMPLERS
+from .compat import Choice, WithinRange, parameterNodeWrapper, parameterPack
+from .panels import TASKS
+
+DEVICES = ["auto", "cpu", "cuda", "mps"]
+
+
+@parameterPack
+class DiffusionMICSampling:
+    """Sampling parameters of one panel; a model's card sets them when the model is chosen."""
+
+    sampler: Annotated[str, Choice(SAMPLERS)] = "dpm++2m"
+    steps: Annotated[int, WithinRange(1, 1000)] = 10
+    seed: Annotated[int, WithinRange(0, 2147483647)] = 0
+    strength: Annotated[float, WithinRange(0.0, 1.0)] = 1.0
+    ensemble: Annotated[int, WithinRange(1, 50)] = 1
+    guidance: Annotated[float, WithinRange(0.0, 30.0)] = 1.0
+
+
+@parameterNodeWrapper
+class DiffusionMICParameterNode:
+    """All choices of the module's panels.
+
+    Per panel (panels.PANELS): <task>Model is a catalog name or model folder; <task>Inputs one
+    volume per input the model's card names (the Widget builds a selector for each); <task>
+    holds the sampling parameters; an empty <task>Output (None) means "create a new node".
+    """
+
+    device: Annotated[str, Choice(DEVICES)] = "auto"
+
+    generateModel: str = ""
+    generateCount: Annotated[int, WithinRange(1, 16)] = 1
+    generateCondition: str = ""
+    generate: DiffusionMICSampling
+    generateOutput: vtkMRMLScalarVolumeNode
+
+    translateModel: str = ""
+    translateInputs: list[vtkMRMLScalarVolumeNode]
+    translate: DiffusionMICSampling
+    translateOutput: vtkMRMLScalarVolumeNode
+
+    segmentModel: str = ""
+    segmentInputs: list[vtkMRMLScalarVolumeNode]
+    segment: DiffusionMICSampling
+    segmentOutput: vtkMRMLSegmentationNode
+
+    denoiseModel: str = ""
+    denoiseInputs: list[vtkMRMLScalarVolumeNode]
+    denoise: DiffusionMICSampling
+    denoiseOutput: vtkMRMLScalarVolumeNode
+
+    anomalyModel: str = ""
+    anomalyInputs: list[vtkMRMLScalarVolumeNode]
+    anomaly: DiffusionMICSampling
+    anomalyOutput: vtkMRMLScalarVolumeNode
+
+    compareInput: vtkMRMLScalarVolumeNode
+    compareResult: Union[vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, None]
+    compareReference: Union[vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, None]
+    compareMask: vtkMRMLScalarVolumeNode
+    compareTask: Annotated[str, Choice(["auto", *TASKS])] = "auto"
+    compareTable: vtkMRMLTableNode

@@ -1,0 +1,70 @@
+"""The module's panel table and what a panel shows for a model (DiffusionMICModule/panels.py):
+plain Python, so the input-selector building the Widget renders is tested without Qt."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "DiffusionMIC"))
+from DiffusionMICModule import catalog, panels  # noqa: E402
+
+SEGMENT_CARD = json.loads((REPO / "Resources" / "Models" / "brain-mri-lesion-segment" / "model.json").read_text())
+GENERATE_CARD = json.loads((REPO / "Resources" / "Models" / "brain-mri-generate" / "model.json").read_text())
+
+
+def test_every_catalog_task_has_a_panel():
+    tasks = {entry["task"] for entry in catalog.readCatalog(REPO)}
+    assert tasks <= set(panels.TASKS)
+    assert panels.panel("segment").outputClass == "vtkMRMLSegmentationNode"
+
+
+def test_four_input_segmentation_model_gets_four_labelled_selectors():
+    view = panels.describeModel(panels.panel("segment"), "brain-mri-lesion-segment", SEGMENT_CARD)
+    assert [s.label for s in view.slots] == ["Input (T1):", "Input (T2):", "Input (PD):", "Input (FLAIR):"]
+    assert [s.index for s in view.slots] == [0, 1, 2, 3]
+    assert view.defaults["steps"] == SEGMENT_CARD["sampler"]["steps"] and "T1, T2, PD, FLAIR" in view.toolTip
+    # Volumes named after their contrast fill the selectors ("T1 clean" is not the T1).
+    volumes = [(name, name) for name in ("DiffusionMIC phantom T1 clean", "DiffusionMIC phantom FLAIR",
+                                         "DiffusionMIC phantom T1", "DiffusionMIC phantom T2", "my_pd_scan")]
+    chosen = panels.matchInputs(view.slots, volumes)
+    assert chosen == ["DiffusionMIC phantom T1", "DiffusionMIC phantom T2", "my_pd_scan", "DiffusionMIC phantom FLAIR"]
+    ok, why = panels.canApply(panels.panel("segment"), "brain-mri-lesion-segment", chosen)
+    assert ok and why == "Run Segment"
+    # The user's own choice stays; a contrast no volume is named after stays empty.
+    assert panels.matchInputs(view.slots, volumes[:2], current=["mine"]) == ["mine", None, None, volumes[1][1]]
+    assert panels.canApply(panels.panel("segment"), "brain-mri-lesion-segment", ["a", None, "c", "d"]) == (
+        False, "Choose the input volume(s)")
+
+
+def test_slots_without_a_card_and_for_generate():
+    assert panels.inputSlots(panels.panel("denoise"), None) == (panels.InputSlot(0, ""),)
+    assert panels.InputSlot(0, "").label == "Input volume:"
+    assert panels.matchInputs(panels.inputSlots(panels.panel("denoise"), None), [("a", 1), ("b", 2)]) == [1]
+    view = panels.describeModel(panels.panel("generate"), "brain-mri-generate", GENERATE_CARD)
+    assert view.slots == () and view.conditions == ("healthy", "lesion")
+    assert panels.canApply(panels.panel("generate"), "brain-mri-generate", []) == (True, "Run Generate")
+    empty = panels.describeModel(panels.panel("translate"), "", None)
+    assert empty.info == "No translate model in the catalog yet." and empty.defaults == catalog.FALLBACK_DEFAULTS
+    assert panels.canApply(panels.panel("translate"), "", ["x"]) == (False, "Choose a model")
+
+
+def test_another_model_keeps_the_volumes_of_the_same_contrast():
+    segment = panels.inputSlots(panels.panel("segment"), SEGMENT_CARD)
+    flairOnly = panels.inputSlots(panels.panel("anomaly"), {"inputs": ["FLAIR"]})
+    assert panels.carryInputs(segment, ["t1", "t2", "pd", "flair"], flairOnly) == ["flair"]
+    assert panels.carryInputs(flairOnly, ["flair"], segment) == [None, None, None, "flair"]
+
+
+def test_run_options_from_the_panel():
+    sampling = dict(catalog.FALLBACK_DEFAULTS, steps=3)
+    assert panels.runOptions(panels.panel("generate"), sampling, {"count": 2, "condition": ""}, "cpu") == {
+        **sampling, "device": "cpu", "count": 2, "condition": None}
+    assert "count" not in panels.runOptions(panels.panel("denoise"), sampling, {}, "auto")
+
+
+def test_extension_packages_every_module_file():
+    import re
+    listed = set(re.findall(r"\$\{MODULE_NAME\}Module/(\w+\.py)", (REPO / "DiffusionMIC" / "CMakeLists.txt").read_text()))
+    assert listed == {p.name for p in (REPO / "DiffusionMIC" / "DiffusionMICModule").glob("*.py")}
