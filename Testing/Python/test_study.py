@@ -116,7 +116,7 @@ def test_denoising_baselines_learn(phantom_dir, heldout_dir, tmp_path, one_threa
         method = next(m for m in denoise_study.methods(quick=True) if m.name == name)
         method.fit(ctx, tmp_path / name)
         result = method.evaluate(ctx, tmp_path / name)
-        assert result.tables["phantom, 5 % noise"]["psnr_gain"] > 1.0, name
+        assert result.tables["phantom, 5 % noise"]["psnr_gain"] > 0.5, name     # untrained: about -10 dB
 
 
 def test_dncnn_is_residual():
