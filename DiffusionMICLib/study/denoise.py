@@ -36,8 +36,9 @@ NOTES = [
     "Rician noise of 1-9 % per crop, two neighbouring slices on either side (2.5D), 48 x 48 crops.",
     "Non-local means: scikit-image `denoise_nl_means` (3D, fast mode, 5-voxel patches, 13-voxel search, "
     "sigma from `estimate_sigma`, h = 0.8 sigma), then the Rician bias removed: sqrt(max(x^2 - sigma^2, 0)).",
-    "BM4D: PyPI `bm4d` (non-commercial licence, a study-only extra) with the same sigma and bias "
-    "correction; Foi's Rician variance-stabilising transform is not applied (its tables are not packaged).",
+    "BM4D: PyPI `bm4d` (non-commercial licence, a study-only extra: `pip install .[bm4d]`) with the same "
+    "sigma and bias correction; Foi's Rician variance-stabilising transform is not applied (its tables are "
+    "not packaged). It takes minutes per volume on this CPU, so it runs at 5 % noise only.",
 ]
 
 # The recipe of the bundled brain-mri-denoise (Resources/Models/brain-mri-denoise/train.json),
@@ -118,9 +119,11 @@ def _largest_slice(mask: np.ndarray) -> int:
     return int(np.argmax(mask.sum(axis=(1, 2)))) if mask.shape[0] > 1 else 0
 
 
-def _evaluate(ctx: Context, denoise: Callable[[Volume, float], Volume]) -> Evaluation:
-    """Run `denoise(noisy, level)` on every test image; tables are means per data set and level."""
-    items = test_images(ctx)
+def _evaluate(ctx: Context, denoise: Callable[[Volume, float], Volume],
+              levels: tuple[float, ...] | None = None) -> Evaluation:
+    """Run `denoise(noisy, level)` on every test image (of the given noise levels only, if any);
+    tables are means per data set and level."""
+    items = [i for i in test_images(ctx) if levels is None or i["level"] in levels]
     per_table: dict[str, list[dict[str, float]]] = {}
     per_image: list[dict[str, Any]] = []
     previews: dict[str, np.ndarray] = {}
@@ -249,7 +252,7 @@ def _eval_bm4d(ctx: Context, folder: Path) -> Evaluation:
         sigma = _sigma(a)
         out = bm4d.bm4d(np.transpose(a, (1, 2, 0)), sigma)      # (y, x, z): z may be 1
         return noisy.with_array(_unbias(np.transpose(np.asarray(out, np.float32), (2, 0, 1)), sigma))
-    return _evaluate(ctx, run)
+    return _evaluate(ctx, run, levels=(PREVIEW_NOISE,))
 
 
 def _eval_identity(ctx: Context, folder: Path) -> Evaluation:
