@@ -63,8 +63,8 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(f"Data: {src.get('path')}, split by seed {src.get('split_seed')}: "
                      f"{len(src.get('train_cases', []))} training, {len(src.get('test_cases', []))} test cases.")
     b = doc["budget"]
-    lines += [f"Budget of every learned method: {b['steps']} steps of batch {b['batch_size']}, "
-              f"or {b['time_limit_s']:g} s of training, whichever ends first.", ""]
+    lines += [f"Budget of every learned method: {b['steps']} steps of batch {b['batch_size']} "
+              f"(a safety stop at {b['time_limit_s']:g} s of training; the training column says what each got).", ""]
     methods = sorted(doc["methods"].items(), key=lambda kv: FAMILY_ORDER.get(kv[1]["family"], 9))
     for table in table_names(doc):
         best = best_values(doc, table)
