@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from .engine.pipeline import select_device
+from .engine.sampling import select_device
 from .errors import DiffusionMICError
 from .models import load_model
 from .progress import Progress, ProgressCallback, as_progress
