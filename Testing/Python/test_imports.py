@@ -40,7 +40,7 @@ def runtime_imports(path: Path) -> set[str]:
         for child in ast.iter_child_nodes(node):
             visit(child)
 
-    visit(ast.parse(path.read_text()))
+    visit(ast.parse(path.read_text(encoding="utf-8")))
     return found
 
 
