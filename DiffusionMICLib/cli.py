@@ -6,10 +6,11 @@ import json
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import Cancelled, DiffusionMICError
+from .errors import Cancelled, DiffusionMICError, DiffusionMICWarning
 from .progress import Progress
 from .volume import write_volume
 
@@ -62,32 +63,53 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     from .api import run
+    from .segfile import is_seg_nrrd, write_segmentation
     from .tasks import RunOptions
-    from .volume import read_volume
-    volumes = [read_volume(p) for p in args.input or []]
+    from .volume import WRITABLE, read_volume
     output = Path(args.output)
+    segmentation = is_seg_nrrd(output)
+    if segmentation and args.task != "segment":
+        raise DiffusionMICError(f"--output '{output}': only segment writes .seg.nrrd files")
+    if not segmentation and not output.name.lower().endswith(WRITABLE):
+        raise DiffusionMICError(f"--output '{output}': unsupported file type (use {', '.join(WRITABLE)}"
+                                f"{', .seg.nrrd' if args.task == 'segment' else ''})")
     if any(Path(p).resolve() == output.resolve() for p in args.input or []):
         raise DiffusionMICError(f"--output '{output}' is one of the inputs; choose another file")
-    options = RunOptions(sampler=args.sampler, steps=args.steps, seed=args.seed, device=args.device,
-                         strength=args.strength, ensemble=args.ensemble, guidance=args.guidance,
-                         count=args.count, condition=args.condition, batch_size=args.batch_size)
-    result = run(args.task, args.model, volumes, options, progress=_progress(args))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DiffusionMICWarning)
+        volumes = [read_volume(p) for p in args.input or []]
+        options = RunOptions(sampler=args.sampler, steps=args.steps, seed=args.seed, device=args.device,
+                             strength=args.strength, ensemble=args.ensemble, guidance=args.guidance,
+                             count=args.count, condition=args.condition, batch_size=args.batch_size)
+        result = run(args.task, args.model, volumes, options, progress=_progress(args))
+    notes = [str(w.message) for w in caught if issubclass(w.category, DiffusionMICWarning)]
+    for note in notes:
+        print(f"diffusion-mic: warning: {note}", file=sys.stderr)
+    for w in caught:      # other libraries' warnings as Python would have shown them
+        if not issubclass(w.category, DiffusionMICWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     paths = _output_paths(output, result.outputs, args)
     written: list[Path] = []
     try:
         for key, vol in result.outputs.items():
-            written.append(write_volume(vol, paths[key]))
+            if key == "output" and segmentation:
+                written.append(write_segmentation(vol, paths[key], result.info["labels"]))
+            else:
+                written.append(write_volume(vol, paths[key]))
     except BaseException:
         for p in written:
             p.unlink(missing_ok=True)
         raise
-    return {"outputs": {k: str(v) for k, v in paths.items()}, **result.info}
+    return {"outputs": {k: str(v) for k, v in paths.items()}, **result.info, "warnings": notes}
 
 
 def _output_paths(output: Path, outputs: dict, args: argparse.Namespace) -> dict[str, Path]:
-    """The main output at --output; extras (uncertainty, mask, ...) beside it unless named."""
+    """The main output at --output; extras (uncertainty, mask, ...) beside it unless named
+    (as NRRD beside a .seg.nrrd)."""
     name = output.name
     stem, ext = (name[:-7], ".nii.gz") if name.endswith(".nii.gz") else (output.stem, output.suffix)
+    if name.lower().endswith(".seg.nrrd"):
+        stem, ext = name[:-9], ".nrrd"
     named = {"uncertainty": getattr(args, "uncertainty", None), "mask": getattr(args, "mask", None)}
     return {k: output if k == "output" else Path(named.get(k) or output.with_name(f"{stem}-{k}{ext}"))
             for k in outputs}

@@ -15,11 +15,12 @@ from ..errors import DiffusionMICError
 from ..models import REPO_ROOT, ModelCard, load_model, read_card, resolve_model, save_model
 from ..progress import Progress
 from ..tasks import get_task
-from .batches import random_batches
+from .batches import TrainingCase, random_batches
 from .inference import stack_neighbours
 from .lora import add_lora, merge_lora, parameter_counts
 from .network import build_network
 from .sampling import select_device
+from .space import scaled_range
 from .trainer import TrainConfig, Trainer
 
 
@@ -43,6 +44,14 @@ def load_settings(config: str | Path | None) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise DiffusionMICError(f"cannot read training config '{path}': {e}") from None
+
+
+def input_range(cases: list[TrainingCase], earlier: list[float] | None = None) -> list[float]:
+    """The intensity range of the images the network was given (conditioning, or the target of an
+    unconditional model) in units of their robust scale, joined with an `earlier` one."""
+    ranges = [scaled_range(((c.cond if c.cond is not None else c.target) + 1.0) / 2.0) for c in cases]
+    ranges += [tuple(earlier)] if earlier else []
+    return [round(min(r[0] for r in ranges), 4), round(max(r[1] for r in ranges), 4)]
 
 
 def _run_record(training: dict[str, Any]) -> dict[str, Any]:
@@ -88,6 +97,8 @@ def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[s
     torch.manual_seed(config.seed)
     progress.start("load data", len(cases))
     training_cases = task.training_cases(card, dataset, cases)
+    if card.inputs:
+        card.input_range = input_range(training_cases, card.input_range if base is not None else None)
     for example in training_cases:
         if example.cond is not None and card.context:
             example.cond = stack_neighbours(example.cond, card.context)
