@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from .engine.pipeline import select_device
-from .errors import DiffusionMICError
+from .engine.sampling import select_device
+from .errors import DiffusionMICError, DiffusionMICWarning
+from .inputs import align_inputs, check_dimensions, intensity_warnings
 from .models import load_model
 from .progress import Progress, ProgressCallback, as_progress
 from .tasks import RunOptions, RunResult, get_task
@@ -19,7 +21,12 @@ from .volume import Volume
 def run(task: str, model: str | Path, volumes: list[Volume], options: RunOptions | None = None, *,
         progress: Progress | ProgressCallback | None = None,
         cancel: Callable[[], bool] | None = None) -> RunResult:
-    """Run a task's model on input volumes; outputs are on the first input's exact grid."""
+    """Run a task's model on input volumes; outputs are on the first input's exact grid.
+
+    Other inputs on other grids are resampled onto the first one's (info["resampled"] says which);
+    inputs far outside the intensities the model was trained on give a DiffusionMICWarning each,
+    also listed in info["warnings"]. A 2D image (planar volume) gives planar outputs.
+    """
     spec = get_task(task)
     options = options or RunOptions()
     device = select_device(options.device)
@@ -27,11 +34,21 @@ def run(task: str, model: str | Path, volumes: list[Volume], options: RunOptions
     if card.task != spec.name:
         raise DiffusionMICError(f"model '{card.name}' is a {card.task} model, not a {spec.name} model")
     options = options.with_card_defaults(card)
+    volumes, resampled = align_inputs(volumes)
+    check_dimensions(card, volumes)
+    notes = intensity_warnings(card, volumes)
+    for note in notes:
+        warnings.warn(note, DiffusionMICWarning, stacklevel=2)
     t0 = time.perf_counter()
     with torch.inference_mode():
         result = spec.run(card, network, volumes, options, as_progress(progress, cancel), device)
+    if volumes and volumes[0].planar:     # a 2D image in, 2D images out
+        grid = volumes[0].geometry
+        result.outputs = {k: Volume(v.array, grid, planar=True) if v.geometry.same_as(grid) else v
+                          for k, v in result.outputs.items()}
     result.info.update(seed=options.seed, sampler=options.sampler, steps=options.steps,
-                       model=card.name, device=str(device), wall_time_s=round(time.perf_counter() - t0, 2))
+                       model=card.name, device=str(device), wall_time_s=round(time.perf_counter() - t0, 2),
+                       resampled=resampled, warnings=notes)
     return result
 
 

@@ -6,10 +6,11 @@ import json
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import Cancelled, DiffusionMICError
+from .errors import Cancelled, DiffusionMICError, DiffusionMICWarning
 from .progress import Progress
 from .volume import write_volume
 
@@ -62,32 +63,53 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     from .api import run
+    from .segfile import is_seg_nrrd, write_segmentation
     from .tasks import RunOptions
-    from .volume import read_volume
-    volumes = [read_volume(p) for p in args.input or []]
+    from .volume import WRITABLE, read_volume
     output = Path(args.output)
+    segmentation = is_seg_nrrd(output)
+    if segmentation and args.task != "segment":
+        raise DiffusionMICError(f"--output '{output}': only segment writes .seg.nrrd files")
+    if not segmentation and not output.name.lower().endswith(WRITABLE):
+        raise DiffusionMICError(f"--output '{output}': unsupported file type (use {', '.join(WRITABLE)}"
+                                f"{', .seg.nrrd' if args.task == 'segment' else ''})")
     if any(Path(p).resolve() == output.resolve() for p in args.input or []):
         raise DiffusionMICError(f"--output '{output}' is one of the inputs; choose another file")
-    options = RunOptions(sampler=args.sampler, steps=args.steps, seed=args.seed, device=args.device,
-                         strength=args.strength, ensemble=args.ensemble, guidance=args.guidance,
-                         count=args.count, condition=args.condition, batch_size=args.batch_size)
-    result = run(args.task, args.model, volumes, options, progress=_progress(args))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DiffusionMICWarning)
+        volumes = [read_volume(p) for p in args.input or []]
+        options = RunOptions(sampler=args.sampler, steps=args.steps, seed=args.seed, device=args.device,
+                             strength=args.strength, ensemble=args.ensemble, guidance=args.guidance,
+                             count=args.count, condition=args.condition, batch_size=args.batch_size)
+        result = run(args.task, args.model, volumes, options, progress=_progress(args))
+    notes = [str(w.message) for w in caught if issubclass(w.category, DiffusionMICWarning)]
+    for note in notes:
+        print(f"diffusion-mic: warning: {note}", file=sys.stderr)
+    for w in caught:      # other libraries' warnings as Python would have shown them
+        if not issubclass(w.category, DiffusionMICWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     paths = _output_paths(output, result.outputs, args)
     written: list[Path] = []
     try:
         for key, vol in result.outputs.items():
-            written.append(write_volume(vol, paths[key]))
+            if key == "output" and segmentation:
+                written.append(write_segmentation(vol, paths[key], result.info["labels"]))
+            else:
+                written.append(write_volume(vol, paths[key]))
     except BaseException:
         for p in written:
             p.unlink(missing_ok=True)
         raise
-    return {"outputs": {k: str(v) for k, v in paths.items()}, **result.info}
+    return {"outputs": {k: str(v) for k, v in paths.items()}, **result.info, "warnings": notes}
 
 
 def _output_paths(output: Path, outputs: dict, args: argparse.Namespace) -> dict[str, Path]:
-    """The main output at --output; extras (uncertainty, mask, ...) beside it unless named."""
+    """The main output at --output; extras (uncertainty, mask, ...) beside it unless named
+    (as NRRD beside a .seg.nrrd)."""
     name = output.name
     stem, ext = (name[:-7], ".nii.gz") if name.endswith(".nii.gz") else (output.stem, output.suffix)
+    if name.lower().endswith(".seg.nrrd"):
+        stem, ext = name[:-9], ".nrrd"
     named = {"uncertainty": getattr(args, "uncertainty", None), "mask": getattr(args, "mask", None)}
     return {k: output if k == "output" else Path(named.get(k) or output.with_name(f"{stem}-{k}{ext}"))
             for k in outputs}
@@ -161,78 +183,100 @@ def cmd_benchmark(args: argparse.Namespace) -> Any:
     return bench_main(size=args.size, steps=args.steps, batch=args.batch, repeats=args.repeats)
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" to an option's help, unless it has no default or it is a flag."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffusion-mic", description="Diffusion models for medical image computing.")
     sub = p.add_subparsers(dest="command", required=True)
+    parsers = sub.add_parser
+
+    def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        """A subcommand whose --help shows every option's default."""
+        kwargs.setdefault("description", kwargs.get("help"))
+        return parsers(name, formatter_class=_DefaultsFormatter, **kwargs)
 
     def common(sp: argparse.ArgumentParser, device: bool = True) -> None:
         sp.add_argument("--progress", choices=("tqdm", "json", "none"), default="tqdm",
-                        help="progress on stderr as a bar, or one JSON object per line on stdout")
+                        help="progress on stderr as a bar, as one JSON object per line on stdout, or none")
         if device:
             sp.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
 
-    sp = sub.add_parser("phantom", help="write a simulated brain MRI data set (nnU-Net v2 layout)")
-    sp.add_argument("out")
-    sp.add_argument("--subjects", type=int, default=4)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--resolution", type=float, choices=(1.0, 2.0), default=2.0, help="mm")
+    sp = add_parser("phantom", help="write a simulated brain MRI data set (nnU-Net v2 layout)")
+    sp.add_argument("out", help="the data set folder to write")
+    sp.add_argument("--subjects", type=int, default=4, help="number of simulated subjects")
+    sp.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same files")
+    sp.add_argument("--resolution", type=float, choices=(1.0, 2.0), default=2.0, help="voxel size in mm")
     sp.add_argument("--noise", type=float, default=3.0, help="Rician noise, percent of the brightest tissue")
     sp.add_argument("--lesions", type=int, default=3, help="lesions per subject (0: healthy)")
     common(sp, device=False)
     sp.set_defaults(func=cmd_phantom)
 
-    sp = sub.add_parser("train", help="train a task's model on a data set")
-    sp.add_argument("task", choices=TASK_NAMES)
-    sp.add_argument("--data", required=True)
-    sp.add_argument("--out", required=True)
+    sp = add_parser("train", help="train a task's model on a data set")
+    sp.add_argument("task", choices=TASK_NAMES, help="the task the model is for")
+    sp.add_argument("--data", required=True, help="data set folder (nnU-Net v2 raw or Medical Segmentation Decathlon)")
+    sp.add_argument("--out", required=True, help="model folder to write (model.json + model.safetensors)")
     sp.add_argument("--config", help="JSON training settings (network, schedule, train, patch, task)")
-    sp.add_argument("--max-steps", type=int)
-    sp.add_argument("--seed", type=int)
+    sp.add_argument("--max-steps", type=int, help="training steps (default: the config's, else the task's)")
+    sp.add_argument("--seed", type=int, help="random seed of the training (default: the config's, else 0)")
     sp.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     common(sp)
     sp.set_defaults(func=cmd_train)
 
-    sp = sub.add_parser("finetune", help="fine-tune a trained model on a (small) data set, with LoRA by default")
-    sp.add_argument("task", choices=TASK_NAMES)
+    sp = add_parser("finetune", help="fine-tune a trained model on a (small) data set, with LoRA by default")
+    sp.add_argument("task", choices=TASK_NAMES, help="the task of the base model")
     sp.add_argument("--model", required=True, help="the base model: a folder or a catalog name (left unchanged)")
-    sp.add_argument("--data", required=True)
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--data", required=True, help="the site's data set folder, in the same layout as for train")
+    sp.add_argument("--out", required=True, help="model folder to write for the fine-tuned model")
     sp.add_argument("--lora-rank", type=int, default=8, help="adapter rank; 0 fine-tunes all weights")
     sp.add_argument("--config", help="JSON settings: train (max_steps, lr, batch_size, ...), cases, name")
-    sp.add_argument("--max-steps", type=int, help="default 500")
-    sp.add_argument("--seed", type=int)
+    sp.add_argument("--max-steps", type=int, help="fine-tuning steps (default: the config's, else 500)")
+    sp.add_argument("--seed", type=int, help="random seed of the training (default: the config's, else 0)")
     sp.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     common(sp)
     sp.set_defaults(func=cmd_finetune)
 
-    sp = sub.add_parser("run", help="run a task's model on input volumes")
-    sp.add_argument("task", choices=TASK_NAMES)
+    sp = add_parser("run", help="run a task's model on input volumes")
+    sp.add_argument("task", choices=TASK_NAMES, help="the task to run")
     sp.add_argument("--model", required=True, help="catalog name or model folder")
-    sp.add_argument("--input", action="append", help="input volume (repeat for several modalities)")
-    sp.add_argument("--output", required=True)
-    sp.add_argument("--sampler", choices=("dpm++2m", "ddim", "unipc", "ddpm"))
-    sp.add_argument("--steps", type=int)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--strength", type=float)
-    sp.add_argument("--ensemble", type=int)
-    sp.add_argument("--guidance", type=float)
-    sp.add_argument("--count", type=int, default=1)
-    sp.add_argument("--condition")
+    sp.add_argument("--input", action="append",
+                    help="input volume or 2D image, a file or a DICOM folder (repeat for several modalities, in the "
+                         "model's order; the others are resampled onto the first one's grid)")
+    sp.add_argument("--output", required=True,
+                    help="main output file (.nrrd, .nii, .nii.gz, .mha; segment also .seg.nrrd)")
+    sp.add_argument("--sampler", choices=("dpm++2m", "ddim", "unipc", "ddpm"),
+                    help="sampler (default: the model card's)")
+    sp.add_argument("--steps", type=int, help="sampler steps (default: the model card's)")
+    sp.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same result")
+    sp.add_argument("--strength", type=float,
+                    help="denoise, anomaly: depth of the partial diffusion in (0, 1] (default: the card's)")
+    sp.add_argument("--ensemble", type=int, help="number of draws averaged (default: the card's)")
+    sp.add_argument("--guidance", type=float, help="generate: classifier-free guidance scale (default: the card's)")
+    sp.add_argument("--count", type=int, default=1, help="generate: number of volumes")
+    sp.add_argument("--condition", help="generate: class to draw (default: unconditional)")
     sp.add_argument("--batch-size", type=int, default=16, help="slices per batch (2D models)")
-    sp.add_argument("--uncertainty", help="segment: where to write the uncertainty map")
-    sp.add_argument("--mask", help="anomaly: where to write the thresholded mask")
+    sp.add_argument("--uncertainty", help="segment: where to write the uncertainty map (default: beside --output)")
+    sp.add_argument("--mask", help="anomaly: where to write the thresholded mask (default: beside --output)")
     common(sp)
     sp.set_defaults(func=cmd_run)
 
-    sp = sub.add_parser("evaluate", help="metrics of a prediction against a reference (prints JSON)")
-    sp.add_argument("task", choices=TASK_NAMES)
+    sp = add_parser("evaluate", help="metrics of a prediction against a reference (prints JSON)")
+    sp.add_argument("task", choices=TASK_NAMES, help="the task whose metrics to compute")
     sp.add_argument("--pred", required=True, nargs="+", help="prediction(s); several for anomaly and generate")
     sp.add_argument("--ref", required=True, nargs="+", help="reference(s): one per --pred, or real subjects")
-    sp.add_argument("--mask")
+    sp.add_argument("--mask", help="measure only inside this mask (default: the task's choice, e.g. the foreground)")
     sp.set_defaults(func=cmd_evaluate)
 
-    sp = sub.add_parser("models", help="the model catalog")
-    sp.add_argument("action", choices=("list", "info", "fetch", "import", "verify", "evaluate"))
+    sp = add_parser("models", help="the model catalog")
+    sp.add_argument("action", choices=("list", "info", "fetch", "import", "verify", "evaluate"),
+                    help="list the catalog; show a card; download; import a folder or .zip; check the weights' "
+                         "hash; measure held-out metrics")
     sp.add_argument("name", nargs="?", help="model name or folder; for import, a model folder or .zip")
     sp.add_argument("--name", dest="as_name", help="import: the name to store it under (default: the card's)")
     sp.add_argument("--force", action="store_true", help="import: replace a different cached model of that name")
@@ -243,12 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fetch, evaluate: a bar on stderr, or one JSON object per line on stdout")
     sp.set_defaults(func=cmd_models)
 
-    sp = sub.add_parser("demo", help="the main job: phantom subject, models, results, metrics")
-    sp.add_argument("--out", default="demo-out")
+    sp = add_parser("demo", help="the main job: phantom subject, models, results, metrics")
+    sp.add_argument("--out", default="demo-out", help="folder for the subject, results, figures and metrics")
     common(sp)
     sp.set_defaults(func=cmd_demo)
 
-    sp = sub.add_parser("study", help="diffusion against the traditional models on the same data and budget",
+    sp = add_parser("study", help="diffusion against the traditional models on the same data and budget",
                         description="Train every method of TASK on the same cases with the same budget, evaluate "
                                     "them on the same held-out cases, and write OUT/TASK.json, .md and .png; "
                                     "'study report DIR' merges the tasks into DIR/report.md.")
@@ -256,17 +300,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("dir", nargs="?", help="report: the study's folder")
     sp.add_argument("--data", help="an nnU-Net v2 / MSD data set, split by a fixed seed "
                                    "(default: phantom subjects, training seed 100, held-out seed 9001)")
-    sp.add_argument("--out", default="study", help="the study's folder (default: %(default)s)")
+    sp.add_argument("--out", default="study", help="the study's folder")
     sp.add_argument("--quick", action="store_true", help="tiny budgets: proves the wiring, not the ranking")
     sp.add_argument("--methods", help="comma-separated method names (default: all of the task's)")
     common(sp)
     sp.set_defaults(func=cmd_study)
 
-    sp = sub.add_parser("benchmark", help="time UNet forward and sampling per sampler (prints a table)")
-    sp.add_argument("--size", type=int, default=96)
-    sp.add_argument("--steps", type=int, default=10)
-    sp.add_argument("--batch", type=int, default=8)
-    sp.add_argument("--repeats", type=int, default=3)
+    sp = add_parser("benchmark", help="time UNet forward and sampling per sampler (prints a table)")
+    sp.add_argument("--size", type=int, default=96, help="slice size in voxels (square)")
+    sp.add_argument("--steps", type=int, default=10, help="sampler steps")
+    sp.add_argument("--batch", type=int, default=8, help="slices per batch")
+    sp.add_argument("--repeats", type=int, default=3, help="timed repeats per sampler (the median counts)")
     sp.set_defaults(func=cmd_benchmark)
     return p
 

@@ -7,3 +7,7 @@ class DiffusionMICError(ValueError):
 
 class Cancelled(RuntimeError):
     """Raised when the user cancels a running job."""
+
+
+class DiffusionMICWarning(UserWarning):
+    """Something the user should know about an input or a run that still goes ahead (one line)."""

@@ -38,6 +38,7 @@ class ModelCard:
     orientation: str = "RAS"             # array axes of the model's grid
     spacing: list[float] | None = None   # mm (x, y, z); None: the input's own spacing
     normalisation: dict[str, Any] = field(default_factory=lambda: {"method": "percentile", "percentile": 99.5})
+    input_range: list[float] | None = None   # training inputs' 0.1-99.9th percentiles / the robust scale
     sampler: dict[str, Any] = field(default_factory=lambda: {"name": "dpm++2m", "steps": 10})
     defaults: dict[str, Any] = field(default_factory=dict)   # strength, ensemble, guidance, ...
     classes: list[str] = field(default_factory=list)         # class-conditional names

@@ -15,6 +15,7 @@ import torch
 from monai.data import MetaTensor
 
 from .errors import DiffusionMICError
+from .imagefiles import as_3d, is_nifti, is_radiograph, nifti_damage, read_sheared_nifti
 
 WRITABLE = (".nrrd", ".nii", ".nii.gz", ".mha")
 _COMPRESSED = (".nrrd", ".nii.gz")
@@ -75,16 +76,22 @@ class Geometry:
 
 @dataclass
 class Volume:
-    """A 3D scalar volume: an array (z, y, x) of any dtype on a `Geometry`."""
+    """A 3D scalar volume: an array (z, y, x) of any dtype on a `Geometry`.
+
+    `planar`: read from a 2D image (one slice, z spacing 1 mm); written back as a 2D image.
+    """
 
     array: np.ndarray
     geometry: Geometry
+    planar: bool = False
 
     def __post_init__(self):
         expected = tuple(self.geometry.size[::-1])
         if self.array.shape != expected:
             raise VolumeError(f"array shape {self.array.shape} does not match the grid "
                               f"(z, y, x) = {expected}")
+        if self.planar and expected[0] != 1:
+            raise VolumeError(f"a planar (2D) volume has one slice, not {expected[0]}")
 
     @classmethod
     def from_sitk(cls, image: sitk.Image) -> Volume:
@@ -101,7 +108,7 @@ class Volume:
 
     def with_array(self, array: np.ndarray) -> Volume:
         """The same grid holding other values; `array` must be (z, y, x) of the same shape."""
-        return Volume(np.asarray(array), self.geometry)
+        return Volume(np.asarray(array), self.geometry, self.planar)
 
     @property
     def size(self) -> tuple[int, int, int]:
@@ -121,19 +128,24 @@ class Volume:
 
 
 def _to_volume(image: sitk.Image, label: str) -> Volume:
-    """`image` as a Volume (a 4D image with one time point is squeezed), or a VolumeError."""
-    size, components = image.GetSize(), image.GetNumberOfComponentsPerPixel()
+    """`image` as a Volume (a 4D image with one time point is squeezed, a 2D image becomes one
+    planar slice, its colour luminance), or a VolumeError."""
+    size = image.GetSize()
     shape = "x".join(map(str, size))
+    planar = image.GetDimension() == 2 or is_radiograph(image)
     if image.GetDimension() == 4 and size[3] == 1:
         image = image[:, :, :, 0]
-    if image.GetDimension() != 3:
-        problem = f"{len(size)}D image (size {shape}), a 3D volume is needed"
+    elif image.GetDimension() == 2:
+        image = as_3d(image)
+    components = image.GetNumberOfComponentsPerPixel()
+    if 0 in size:
+        problem = f"empty image (size {shape})"
+    elif image.GetDimension() != 3:
+        problem = f"{len(size)}D image (size {shape}), a 2D image or a 3D volume is needed"
     elif components > 1:
         problem = f"{components} components per voxel (RGB or vector), a scalar volume is needed"
-    elif 0 in size:
-        problem = f"empty image (size {shape})"
     else:
-        return Volume(sitk.GetArrayFromImage(image), Geometry.from_sitk(image))
+        return Volume(sitk.GetArrayFromImage(image), Geometry.from_sitk(image), planar)
     raise VolumeError(f"cannot use {label}: {problem}")
 
 
@@ -149,10 +161,12 @@ def _read_dicom_series(folder: Path) -> sitk.Image | None:
 
 
 def read_volume(path: str | os.PathLike, *, name: str | None = None) -> Volume:
-    """Read a 3D scalar volume from an image file or a folder holding a DICOM series.
+    """Read a 3D scalar volume, or a 2D image as one planar slice, from a file or a DICOM folder.
 
-    Files: .nrrd .nhdr .nii .nii.gz .mha .mhd (anything SimpleITK reads). A folder: the DICOM
-    series with the most files. `name` replaces the path in error messages.
+    Files: .nrrd .nhdr .nii .nii.gz .mha .mhd, PNG, JPEG, a DICOM file (anything SimpleITK reads).
+    A folder: the DICOM series with the most files. `name` replaces the path in error messages.
+    NIfTI data shorter than its header says is refused; a NIfTI affine with shear is read on
+    the nearest orthonormal grid with a DiffusionMICWarning.
     """
     path = Path(path)
     label = name or str(path)
@@ -169,10 +183,14 @@ def read_volume(path: str | os.PathLike, *, name: str | None = None) -> Volume:
                 raise fail("the folder holds no DICOM series")
         elif path.stat().st_size == 0:
             raise fail("empty file")
+        elif is_nifti(path) and (damage := nifti_damage(path)):
+            raise fail(damage)
         else:
             image = sitk.ReadImage(str(path))
     except RuntimeError:
-        raise fail("not a readable image (unknown format or damaged file)") from None
+        image = read_sheared_nifti(path, label) if is_nifti(path) else None
+        if image is None:
+            raise fail("not a readable image (unknown format or damaged file)") from None
     volume = _to_volume(image, f"'{label}'")
     bad = np.count_nonzero(~np.isfinite(volume.array)) if volume.array.dtype.kind in "fc" else 0
     if bad:
@@ -188,17 +206,21 @@ def _extension(path: Path) -> str:
 def write_volume(volume: Volume, path: str | os.PathLike) -> Path:
     """Write `volume` to .nrrd, .nii, .nii.gz or .mha atomically (temporary file, then rename).
 
-    On failure nothing is left behind and an existing file at `path` is untouched.
+    A planar volume is written as a 2D image. On failure nothing is left behind and an existing
+    file at `path` is untouched.
     """
     path = Path(path)
     ext = _extension(path)
+    if path.name.lower().endswith(".seg.nrrd"):
+        raise VolumeError(f"cannot write '{path}': .seg.nrrd holds a segmentation (segfile.write_segmentation)")
     if ext not in WRITABLE:
         raise VolumeError(f"cannot write '{path}': unsupported file type '{ext or path.name}' "
                           f"(use {', '.join(WRITABLE)})")
     tmp = path.parent / f".tmp-{secrets.token_hex(4)}-{path.name}"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        sitk.WriteImage(volume.to_sitk(), str(tmp), useCompression=ext in _COMPRESSED)
+        image = volume.to_sitk()
+        sitk.WriteImage(image[:, :, 0] if volume.planar else image, str(tmp), useCompression=ext in _COMPRESSED)
         os.replace(tmp, path)
     except (RuntimeError, OSError) as e:
         tmp.unlink(missing_ok=True)

@@ -1,11 +1,11 @@
-"""The flows every task shares: train a model from a data set, and sample a whole volume."""
+"""The flows above the tasks: train a task's model from a data set, or fine-tune a trained one."""
 from __future__ import annotations
 
 import json
 import subprocess
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,95 +14,14 @@ from ..datasets import read_dataset
 from ..errors import DiffusionMICError
 from ..models import REPO_ROOT, ModelCard, load_model, read_card, resolve_model, save_model
 from ..progress import Progress
-from .batches import random_batches
-from .inference import (bounding_box, count_batches, count_windows, infer_patches, infer_slices,
-                        stack_neighbours)
+from ..tasks import get_task
+from .batches import TrainingCase, random_batches
+from .inference import stack_neighbours
 from .lora import add_lora, merge_lora, parameter_counts
-from .network import build_network, downsampling_factor
-from .sampler import conditioned, sample
-from .space import foreground
+from .network import build_network
+from .sampling import select_device
+from .space import scaled_range
 from .trainer import TrainConfig, Trainer
-
-if TYPE_CHECKING:
-    from ..tasks.base import RunOptions
-
-Noise = Callable[[tuple[int, ...], torch.Generator], torch.Tensor]
-
-
-def select_device(name: str = "auto") -> torch.device:
-    """'auto' takes CUDA, then Apple MPS, then the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise DiffusionMICError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DiffusionMICError("device 'cuda' requested but CUDA is not available")
-    return device
-
-
-def sample_volume(card: ModelCard, network: torch.nn.Module, cond: np.ndarray | None, *, sampler: str,
-                  steps: int, generator: torch.Generator, device: torch.device, progress: Progress,
-                  start: np.ndarray | None = None, strength: float = 1.0, class_label: int | None = None,
-                  guidance: float = 1.0, noise: Noise | None = None, batch_size: int = 16,
-                  shape: tuple[int, int, int] | None = None, crop: tuple[slice, ...] | None = None) -> np.ndarray:
-    """Sample one (C_out, z, y, x) model-space array for a whole volume.
-
-    cond: conditioning channels; start: the image to partially diffuse from (strength < 1);
-    both (C, z, y, x) in [-1, 1]. The progress counts sampler steps across all batches.
-    """
-    out_channels = card.network["out_channels"]
-    if cond is not None and card.context:
-        cond = stack_neighbours(cond, card.context)
-    n_cond = 0 if cond is None else cond.shape[0]
-    stacked = [a for a in (cond, start) if a is not None]
-    inputs = np.concatenate(stacked) if stacked else None
-    shape = shape or tuple(inputs.shape[1:])
-    factor = downsampling_factor(card.network)
-    null_class = len(card.classes) if card.classes else None
-
-    def predict(x: torch.Tensor | None, out_shape: tuple[int, ...]) -> torch.Tensor:
-        c = s = None
-        if x is not None:
-            x = x.to(device)
-            c = x[:, :n_cond] if n_cond else None
-            s = x[:, n_cond:] if start is not None else None
-        labels = None if class_label is None else torch.full((out_shape[0],), class_label, dtype=torch.long, device=device)
-        model = conditioned(network, c, labels, null_class, guidance)
-        return sample(model, out_shape, card.noise_schedule, sampler=sampler, steps=steps, generator=generator,
-                      start=s, strength=strength if s is not None else 1.0,
-                      noise=noise(out_shape, generator) if noise is not None else None,
-                      device=device, on_step=lambda i, n: progress.advance(), cancel=progress.cancel)
-
-    region = tuple(s.stop - s.start for s in crop) if crop else shape
-    steps_per_sample = steps if start is None else max(1, min(steps, round(steps * strength)))
-    if card.spatial_dims == 2:
-        n = count_batches(region[0], batch_size)
-        progress.steps += n * steps_per_sample
-        return infer_slices(predict, inputs, out_channels, shape, factor=factor, batch_size=batch_size, crop=crop)
-    patch = tuple(card.patch) if card.patch else None
-    n = count_windows(region, patch, 0.25) if patch and inputs is not None else 1
-    progress.steps += n * steps_per_sample
-    return infer_patches(predict, inputs, out_channels, shape, factor=factor, patch=patch, crop=crop)
-
-
-def sample_draws(card: ModelCard, network: torch.nn.Module, cond: np.ndarray | None, options: "RunOptions", *,
-                 device: torch.device, progress: Progress, **kwargs: Any) -> Iterator[np.ndarray]:
-    """`options.ensemble` whole-volume draws (seeds seed, seed + 1, ...), one at a time; kwargs go to sample_volume."""
-    for k in range(options.ensemble):
-        yield sample_volume(card, network, cond, sampler=options.sampler, steps=options.steps,
-                            generator=torch.Generator().manual_seed(options.seed + k), device=device,
-                            progress=progress, batch_size=options.batch_size, **kwargs)
-
-
-def foreground_crop(raw: np.ndarray, margin: int = 4) -> tuple[slice, ...]:
-    """The bounding box of the Otsu foreground of any channel of raw (C, z, y, x) intensities."""
-    return bounding_box(np.logical_or.reduce([foreground(c) for c in raw]), margin)
 
 
 def git_commit() -> str:
@@ -127,6 +46,14 @@ def load_settings(config: str | Path | None) -> dict[str, Any]:
         raise DiffusionMICError(f"cannot read training config '{path}': {e}") from None
 
 
+def input_range(cases: list[TrainingCase], earlier: list[float] | None = None) -> list[float]:
+    """The intensity range of the images the network was given (conditioning, or the target of an
+    unconditional model) in units of their robust scale, joined with an `earlier` one."""
+    ranges = [scaled_range(((c.cond if c.cond is not None else c.target) + 1.0) / 2.0) for c in cases]
+    ranges += [tuple(earlier)] if earlier else []
+    return [round(min(r[0] for r in ranges), 4), round(max(r[1] for r in ranges), 4)]
+
+
 def _run_record(training: dict[str, Any]) -> dict[str, Any]:
     """One training run as the card's history lists it: its command, commit, the step and the
     total wall time it ended at, and its learning-rate schedule."""
@@ -142,8 +69,6 @@ def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[s
           lora_rank: int = 0) -> ModelCard:
     """Train (or, with `base`, fine-tune: all weights, or rank-`lora_rank` adapters) a task's model
     on a data set and save the model folder."""
-    from ..tasks import get_task   # tasks import the engine, not the other way round
-
     commit = git_commit()     # the code this training starts from (checked first: the modules are loaded by now)
     task = get_task(task_name)
     settings = dict(settings or {})
@@ -172,6 +97,8 @@ def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[s
     torch.manual_seed(config.seed)
     progress.start("load data", len(cases))
     training_cases = task.training_cases(card, dataset, cases)
+    if card.inputs:
+        card.input_range = input_range(training_cases, card.input_range if base is not None else None)
     for example in training_cases:
         if example.cond is not None and card.context:
             example.cond = stack_neighbours(example.cond, card.context)

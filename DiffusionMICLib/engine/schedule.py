@@ -48,6 +48,18 @@ class NoiseSchedule:
     def from_dict(cls, d: dict) -> "NoiseSchedule":
         return cls(**d)
 
+    @property
+    def max_steps(self) -> int:
+        """The most sampler steps this schedule can take: every trained timestep once."""
+        return self.train_steps or self.num_train_timesteps
+
+    def limit_steps(self, steps: int) -> None:
+        """Refuse a step count above `max_steps` with one line naming the maximum."""
+        if steps > self.max_steps:
+            why = (f"it was trained on {self.train_steps} timesteps only (Fast-DDPM)" if self.train_steps
+                   else f"its noise schedule has {self.num_train_timesteps} timesteps")
+            raise DiffusionMICError(f"--steps {steps} is too many for this model: {why}; use at most {self.max_steps}")
+
     def training_timesteps(self):
         """The timesteps training draws from: all of them, or the trailing N-step subset."""
         if self.train_steps is None:

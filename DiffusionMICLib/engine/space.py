@@ -36,6 +36,13 @@ def robust_scale(array: np.ndarray, normalisation: dict) -> float:
     return scale if scale > 0 else 1.0
 
 
+def scaled_range(array: np.ndarray, scale: float = 1.0) -> tuple[float, float]:
+    """The 0.1th and 99.9th percentiles of array / scale: the intensity range a card's
+    `input_range` records, in units of the card's robust scale."""
+    lo, hi = np.percentile(np.asarray(array, np.float32), (0.1, 99.9)) / scale
+    return float(lo), float(hi)
+
+
 def to_unit(array: np.ndarray, scale: float) -> np.ndarray:
     """Intensities / scale mapped to the diffusion range [-1, 1] (0 -> -1, scale -> 1)."""
     return (np.asarray(array, np.float32) / scale) * 2.0 - 1.0

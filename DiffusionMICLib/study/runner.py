@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..engine.pipeline import select_device
+from ..engine.sampling import select_device
 from ..errors import DiffusionMICError
 from ..progress import Progress
 from .core import FULL, QUICK, Context, Evaluation, Method, StudyData, phantom_data, user_data, write_json

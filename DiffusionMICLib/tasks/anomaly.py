@@ -49,7 +49,7 @@ from ..datasets import Case, Dataset
 from ..engine.batches import TrainingCase
 from ..engine.inference import bounding_box
 from ..engine.network import network_config
-from ..engine.pipeline import sample_draws
+from ..engine.sampling import sample_draws
 from ..engine.simplex import DEFAULTS as SIMPLEX_DEFAULTS
 from ..engine.simplex import noise_from_spec
 from ..engine.space import ModelSpace, foreground, robust_scale, to_unit

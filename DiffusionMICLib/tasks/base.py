@@ -41,6 +41,7 @@ class RunOptions:
             guidance=self.guidance if self.guidance is not None else d.get("guidance", 1.0),
         )
         resolved.validate()
+        card.noise_schedule.limit_steps(resolved.steps)
         return resolved
 
     def validate(self) -> None:

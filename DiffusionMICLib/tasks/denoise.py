@@ -17,7 +17,7 @@ import torch
 from ..datasets import Case, Dataset
 from ..engine.batches import TrainingCase
 from ..engine.network import network_config
-from ..engine.pipeline import foreground_crop, sample_draws
+from ..engine.sampling import foreground_crop, sample_draws
 from ..engine.space import ModelSpace, foreground, from_unit, robust_scale, to_unit
 from ..engine.trainer import Batch
 from ..errors import DiffusionMICError

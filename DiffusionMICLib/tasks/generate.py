@@ -48,7 +48,7 @@ from scipy import ndimage
 from ..datasets import Case, Dataset
 from ..engine.batches import TrainingCase
 from ..engine.network import downsampling_factor, network_config
-from ..engine.pipeline import sample_volume
+from ..engine.sampling import sample_volume
 from ..engine.space import from_unit, robust_scale, to_unit
 from ..engine.trainer import Batch
 from ..errors import DiffusionMICError

@@ -28,7 +28,7 @@ from ..datasets import Case, Dataset
 from ..engine.batches import TrainingCase
 from ..engine.network import network_config
 from ..engine.inference import bounding_box
-from ..engine.pipeline import sample_draws
+from ..engine.sampling import sample_draws
 from ..engine.space import ModelSpace, foreground
 from ..errors import DiffusionMICError
 from ..metrics import segmentation_metrics

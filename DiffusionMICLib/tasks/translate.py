@@ -26,7 +26,7 @@ from ..datasets import Case, Dataset
 from ..engine.batches import TrainingCase
 from ..engine.network import network_config
 from ..engine.inference import bounding_box
-from ..engine.pipeline import sample_draws
+from ..engine.sampling import sample_draws
 from ..engine.space import ModelSpace, foreground, from_unit, robust_scale, to_unit
 from ..errors import DiffusionMICError
 from ..metrics import image_metrics

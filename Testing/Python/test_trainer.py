@@ -131,6 +131,8 @@ def test_resumed_training_lists_every_run_in_the_card(phantom_dir, tmp_path):
                                                                              ("second", 4, "cosine")]
     assert runs[0]["wall_time_s"] == first.training["wall_time_s"] <= second.training["wall_time_s"]
     assert second.training["wall_time_s"] == runs[1]["wall_time_s"]
+    lo, hi = read_card(tmp_path).input_range    # the training inputs' intensities / their robust scale
+    assert 0.0 <= lo < 0.05 and 0.5 < hi < 2.0
 
 
 def test_progress_of_a_resumed_run_starts_where_it_stopped(capsys):

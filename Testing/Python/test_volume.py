@@ -1,11 +1,16 @@
 """Tests of DiffusionMICLib.volume: exact geometry through I/O, MONAI, reorientation, resampling."""
 import os
+import warnings
 
+import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 from monai.transforms import LoadImage
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from DiffusionMICLib.volume import (Geometry, Volume, VolumeError, from_metatensor, orient,
                                     read_volume, resample_spacing, resample_to, to_metatensor,
@@ -197,8 +202,8 @@ def test_bad_inputs(tmp_path):
     assert read_volume(tmp_path / "4d1.nrrd").size == (4, 4, 4)   # trailing size-1 axis dropped
     sitk.WriteImage(sitk.Image([4, 4, 4], sitk.sitkVectorUInt8, 3), str(tmp_path / "rgb.nrrd"))
     assert_one_line_error(tmp_path / "rgb.nrrd", "3 components")
-    sitk.WriteImage(sitk.Image([4, 4], sitk.sitkFloat32), str(tmp_path / "flat.mha"))
-    assert_one_line_error(tmp_path / "flat.mha", "2D image")
+    sitk.WriteImage(sitk.Image([4, 4, 4, 2, 2], sitk.sitkFloat32), str(tmp_path / "5d.nii"))
+    assert_one_line_error(tmp_path / "5d.nii", "5D image")
     nan = make_volume()
     nan.array[1, 2, 3] = np.nan
     nan.array[0, 0, 0] = np.inf
@@ -240,3 +245,83 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(VolumeError):
         write_volume(make_volume(), tmp_path / "new.nrrd")
     assert sorted(os.listdir(tmp_path)) == ["v.nii.gz"]
+
+
+@pytest.mark.parametrize("name", ["v.nii.gz", "v.nii"])
+def test_truncated_nifti_is_refused(tmp_path, name):
+    whole = write_volume(make_volume(), tmp_path / name)
+    assert read_volume(whole).size == (7, 6, 5)
+    data = whole.read_bytes()
+    cut = tmp_path / f"cut-{name}"
+    cut.write_bytes(data[: len(data) // 3])
+    sitk.ReadImage(str(cut))       # SimpleITK alone reads it, zero-filled past the cut
+    assert "damaged file" in assert_one_line_error(cut, "damaged file")
+
+
+def test_sheared_nifti_is_read_on_the_nearest_orthonormal_grid(tmp_path):
+    affine = np.array([[2.0, 0, 0.6, -10], [0, 2, 0.4, -20], [0, 0, 3, 5], [0, 0, 0, 1]])   # RAS, with shear
+    data = np.arange(6 * 7 * 5, dtype=np.int16).reshape(6, 7, 5)                           # (i, j, k)
+    path = tmp_path / "sheared.nii.gz"
+    nib.Nifti1Image(data, affine).to_filename(path)
+    with pytest.raises(RuntimeError, match="orthonormal"):
+        sitk.ReadImage(str(path))
+    with pytest.warns(UserWarning, match="shear.*nearest orthonormal grid.*up to") as caught:
+        volume = read_volume(path)
+    assert len(caught) == 1 and "sheared.nii.gz" in str(caught[0].message)
+    np.testing.assert_array_equal(volume.array, data.transpose(2, 1, 0))
+    d = np.reshape(volume.direction, (3, 3))
+    np.testing.assert_allclose(d @ d.T, np.eye(3), atol=1e-9)
+    np.testing.assert_allclose(volume.origin, (10, 20, 5))                 # LPS of the RAS translation
+    assert volume.spacing[:2] == pytest.approx((2, 2)) and volume.spacing[2] == pytest.approx(np.sqrt(9.52))
+
+
+def write_radiograph(path, array: np.ndarray, spacing=(0.5, 0.4)) -> None:
+    """A 2D DICOM (computed radiography: no position in the patient), uint16."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"       # CR Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.PatientName, ds.PatientID = "CR", "Phantom", "0"
+    ds.Rows, ds.Columns = array.shape
+    ds.ImagerPixelSpacing = list(spacing)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = array.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_2d_images_are_one_planar_slice_and_written_back_as_2d(tmp_path):
+    rng = np.random.default_rng(0)
+    gray = (rng.random((30, 40)) * 255).astype(np.uint8)
+    image = sitk.GetImageFromArray(gray.astype(np.float32))
+    image.SetSpacing((0.7, 0.9))
+    image.SetOrigin((-3.0, 4.0))
+    image.SetDirection((0.0, 1.0, 1.0, 0.0))
+    sitk.WriteImage(image, str(tmp_path / "slice.nrrd"))
+    Image.fromarray(gray).save(tmp_path / "gray.png")
+    rgb = np.stack([gray, gray // 2, 255 - gray], axis=-1)
+    Image.fromarray(rgb).save(tmp_path / "colour.png")
+    write_radiograph(tmp_path / "cr.dcm", gray.astype(np.uint16) * 4)
+
+    nrrd = read_volume(tmp_path / "slice.nrrd")
+    assert nrrd.planar and nrrd.size == (40, 30, 1) and nrrd.spacing[:2] == (0.7, 0.9)
+    assert nrrd.origin[:2] == (-3.0, 4.0) and nrrd.direction == (0, 1, 0, 1, 0, 0, 0, 0, 1)
+    np.testing.assert_array_equal(read_volume(tmp_path / "gray.png").array[0], gray)
+    colour = read_volume(tmp_path / "colour.png")
+    np.testing.assert_allclose(colour.array[0], 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2],
+                               atol=1e-3)
+    cr = read_volume(tmp_path / "cr.dcm")
+    assert cr.planar and cr.size == (40, 30, 1) and cr.spacing[:2] == (0.4, 0.5)
+    np.testing.assert_array_equal(cr.array[0], gray.astype(np.uint16) * 4)
+
+    back = sitk.ReadImage(str(write_volume(nrrd.with_array(nrrd.array * 2), tmp_path / "out.nrrd")))
+    assert back.GetDimension() == 2 and back.GetSize() == (40, 30)
+    assert (back.GetSpacing(), back.GetOrigin(), back.GetDirection()) == (image.GetSpacing(), image.GetOrigin(),
+                                                                         image.GetDirection())
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), gray * 2.0)
+    one_slice = Volume(np.zeros((1, 3, 4), np.float32), Geometry((4, 3, 1), (1, 1, 1), (0, 0, 0), tuple(np.eye(3).ravel())))
+    assert sitk.ReadImage(str(write_volume(one_slice, tmp_path / "slab.nrrd"))).GetDimension() == 3
