@@ -9,10 +9,14 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import SimpleITK as sitk
-import torch
-from monai.data import MetaTensor
+
+if TYPE_CHECKING:   # torch and MONAI load only when a tensor is asked for: reading and writing files
+    import torch    # (and the phantom, Slicer's sample data) need neither
+    from monai.data import MetaTensor
 
 from .errors import DiffusionMICError
 from .imagefiles import as_3d, is_nifti, is_radiograph, nifti_damage, read_sheared_nifti
@@ -232,14 +236,19 @@ def write_volume(volume: Volume, path: str | os.PathLike) -> Path:
 
 def to_tensor(volume: Volume) -> torch.Tensor:
     """float32 tensor (1, z, y, x) with the volume's values."""
+    import torch
     return torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32))[None]
 
 
-def to_metatensor(volume: Volume, dtype: torch.dtype | None = torch.float32) -> MetaTensor:
+def to_metatensor(volume: Volume, dtype: torch.dtype | str | None = "float32") -> MetaTensor:
     """Channel-first MetaTensor (1, x, y, z) with the RAS affine, as MONAI's LoadImage gives.
 
-    `dtype=None` keeps the array's dtype.
+    `dtype` is a torch dtype or its name; None keeps the array's dtype.
     """
+    import torch
+    from monai.data import MetaTensor
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
     data = torch.from_numpy(np.ascontiguousarray(volume.array.transpose(2, 1, 0)))[None]
     if dtype is not None:
         data = data.to(dtype)
