@@ -131,8 +131,9 @@ def fit_supervised(ctx: Context, folder: Path, card: ModelCard, kind: str, spec:
     (e.g. whole slices with a per-slice class); `train` overrides optimiser settings (e.g. its lr)."""
     from ..tasks import get_task
     task = get_task(card.task)
-    net = network(kind, **spec)
     config = train_config(ctx.budget, **(train or {}))
+    torch.manual_seed(config.seed)     # the same initial weights whatever ran before
+    net = network(kind, **spec)
     if batches is None:
         cases = task.training_cases(card, ctx.data.train, ctx.data.train_cases)
         if card.context:
