@@ -206,12 +206,11 @@ def _evaluate(ctx: Context, detect: Detector) -> Evaluation:
         voxel = detection_metrics(maps, [i["lesion"] for i in test], [i["mask"] for i in test])
         row.update({k: voxel[k] for k in ("voxel_auroc", "voxel_auprc", "best_dice")})
         lesioned = [(m, i) for (m, _), i in zip(out["validation"], val) if i["anomalous"]]
-        val_metrics = detection_metrics([m for m, _ in lesioned], [i["lesion"] for _, i in lesioned],
-                                        [i["mask"] for _, i in lesioned])
-        threshold = val_metrics["best_dice_threshold"]
+        threshold = detection_metrics([m for m, _ in lesioned], [i["lesion"] for _, i in lesioned],
+                                      [i["mask"] for _, i in lesioned])["best_dice_threshold"] if lesioned else None
         row["val_dice"] = dice_at(maps, test, threshold) if threshold is not None else None
         extra["voxel_threshold"] = threshold
-        first = next(k for k, i in enumerate(test) if i["anomalous"])
+        first = next((k for k, i in enumerate(test) if i["anomalous"]), 0)
         healthy = next((k for k, i in enumerate(test) if not i["anomalous"]), None)
         z = test[first]["z"]
         previews["anomaly map"] = maps[first].array[z]
@@ -226,7 +225,7 @@ def _evaluate(ctx: Context, detect: Detector) -> Evaluation:
 def write_reference(ctx: Context) -> None:
     """The figure's first row: a lesioned and a healthy test FLAIR, and the reference lesions."""
     test = cases(ctx)["test"]
-    first = next(i for i in test if i["anomalous"])
+    first = next((i for i in test if i["anomalous"]), test[0])
     refs = {"FLAIR": first["flair"].array[first["z"]], "lesion": first["lesion"].array[first["z"]].astype(np.float32)}
     healthy = next((i for i in test if not i["anomalous"]), None)
     if healthy is not None:
