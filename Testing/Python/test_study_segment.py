@@ -27,8 +27,8 @@ def quick(tmp_path_factory):
     return out
 
 
-@pytest.mark.slow
 def test_quick_study_writes_every_method(quick):
+    """The quick study (its fixture) took 31 s here on a quiet 2-core machine, one torch thread."""
     doc = json.loads((quick / "segment.json").read_text())
     assert list(doc["methods"]) == METHODS and doc["quick"] is True
     keys = [c["key"] for c in doc["columns"]]
