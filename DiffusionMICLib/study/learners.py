@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 
 from ..engine.batches import random_batches
 from ..engine.network import build_network, count_parameters
@@ -71,6 +71,10 @@ def network(kind: str, **spec: Any) -> torch.nn.Module:
         return nets.SwinUNETR(spatial_dims=2, **spec)
     if kind == "autoencoder":
         return nets.AutoEncoder(spatial_dims=2, **spec)
+    if kind == "varautoencoder":
+        return nets.VarAutoEncoder(spatial_dims=2, **spec)
+    if kind == "resnet":
+        return nets.ResNet(spatial_dims=2, **spec)
     if kind == "patch-discriminator":
         return nets.PatchDiscriminator(spatial_dims=2, **spec)
     raise ValueError(f"unknown baseline network {kind!r}")
@@ -80,14 +84,14 @@ def save_baseline(folder: Path, kind: str, spec: dict[str, Any], net: torch.nn.M
     """Weights (safetensors) and what rebuilds them (baseline.json, written last: its presence
     means the method finished training)."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(folder / "weights.safetensors"))
+    save_model(net, str(folder / "weights.safetensors"))     # save_model: weights shared between layers (DynUNet) once
     (folder / "baseline.json").write_text(json.dumps({"kind": kind, "spec": spec, "training": info}, indent=2))
 
 
 def load_baseline(folder: Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
     meta = json.loads((folder / "baseline.json").read_text())
     net = network(meta["kind"], **meta["spec"])
-    net.load_state_dict(load_file(str(folder / "weights.safetensors")))
+    load_model(net, str(folder / "weights.safetensors"))
     return net.to(device).eval(), meta
 
 
@@ -118,27 +122,34 @@ def train_config(budget: Budget, **overrides: Any) -> TrainConfig:
 
 def fit_supervised(ctx: Context, folder: Path, card: ModelCard, kind: str, spec: dict[str, Any], loss: Loss,
                    *, trainer_cls: type[SupervisedTrainer] = SupervisedTrainer, label: str = "",
+                   augment: Callable[[Batch, torch.Generator], Batch] | None = None,
+                   batches: Iterator[Batch] | None = None, train: dict[str, Any] | None = None,
                    **trainer_kwargs: Any) -> dict[str, Any]:
     """Train a baseline on the task's own training cases and batches (the same crops, the same
-    augmentation as the diffusion model's training) for the study's budget, and save it."""
+    augmentation as the diffusion model's training, or `augment` instead) for the study's budget,
+    and save it. `batches` replaces the task's batches where a baseline learns from other data
+    (e.g. whole slices with a per-slice class); `train` overrides optimiser settings (e.g. its lr)."""
     from ..tasks import get_task
     task = get_task(card.task)
+    config = train_config(ctx.budget, **(train or {}))
+    torch.manual_seed(config.seed)     # the same initial weights whatever ran before
     net = network(kind, **spec)
-    config = train_config(ctx.budget)
-    cases = task.training_cases(card, ctx.data.train, ctx.data.train_cases)
-    if card.context:
-        from ..engine.inference import stack_neighbours
-        for c in cases:
-            c.cond = stack_neighbours(c.cond, card.context) if c.cond is not None else None
-    batches = random_batches(cases, spatial_dims=2, patch=card.patch, batch_size=config.batch_size,
-                             seed=config.seed * 7919, focus_fraction=float(card.training.get("oversample", 0.0)),
-                             augment=task.augment(card))
+    if batches is None:
+        cases = task.training_cases(card, ctx.data.train, ctx.data.train_cases)
+        if card.context:
+            from ..engine.inference import stack_neighbours
+            for c in cases:
+                c.cond = stack_neighbours(c.cond, card.context) if c.cond is not None else None
+        batches = random_batches(cases, spatial_dims=2, patch=card.patch, batch_size=config.batch_size,
+                                 seed=config.seed * 7919, focus_fraction=float(card.training.get("oversample", 0.0)),
+                                 augment=augment or task.augment(card))
     trainer = trainer_cls(net, card, config, ctx.device, loss, **trainer_kwargs)
     ctx.progress.start(f"train {label or kind}", config.max_steps)
     t0 = time.perf_counter()
     trainer.fit(batches, on_step=lambda i, n, v: ctx.progress.advance(loss=f"{v:.4f}"), cancel=ctx.progress.cancel)
     ctx.progress.close()
-    info = {"steps": trainer.step, "batch_size": config.batch_size, "wall_time_s": round(time.perf_counter() - t0, 1),
+    info = {"steps": trainer.step, "batch_size": config.batch_size, "lr": config.lr,
+            "wall_time_s": round(time.perf_counter() - t0, 1),
             "parameters": count_parameters(net), "final_loss": float(sum(trainer.losses[-20:]) / max(1, len(trainer.losses[-20:])))}
     save_baseline(folder, kind, spec, trainer.ema.model, info)
     return info
@@ -153,12 +164,18 @@ class AsX0(torch.nn.Module):
     that prediction is exactly the sampler's result, so the task's own normalisation, grid
     handling, cropping and post-processing apply unchanged."""
 
-    def __init__(self, net: torch.nn.Module, noisy_channels: int, post: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(self, net: torch.nn.Module, noisy_channels: int, post: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 factor: int = 1):
         super().__init__()
-        self.net, self.skip, self.post = net, noisy_channels, post
+        self.net, self.skip, self.post, self.factor = net, noisy_channels, post, factor
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.net(x[:, self.skip:])
+        """`factor`: pad the slices to multiples of the baseline's own down-sampling factor
+        (background value -1) and crop its output back."""
+        cond = x[:, self.skip:]
+        h, w = cond.shape[-2:]
+        pad = [0, -w % self.factor, 0, -h % self.factor]
+        out = self.net(torch.nn.functional.pad(cond, pad, value=-1.0) if any(pad) else cond)[..., :h, :w]
         return self.post(out) if self.post is not None else out
 
 

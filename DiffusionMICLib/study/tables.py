@@ -95,6 +95,8 @@ def task_figure(path: Path, doc: dict[str, Any], work: Path) -> Path | None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    label_colours = ListedColormap(["black", *matplotlib.colormaps["tab10"].colors])   # value 0 black
     rows: list[tuple[str, dict[str, np.ndarray]]] = []
     ref = work / "reference.npz"
     if ref.is_file():
@@ -115,9 +117,13 @@ def task_figure(path: Path, doc: dict[str, Any], work: Path) -> Path | None:
             ax.axis("off")
             if key in previews:
                 image = previews[key]
-                error = "error" in key or "map" in key
-                ax.imshow(image, cmap="magma" if error else "gray", origin="lower",
-                          vmin=0, vmax=float(np.percentile(image, 99.5)) or 1.0, interpolation="nearest")
+                if "labels" in key and "error" not in key:     # label maps: one fixed colour per value
+                    ax.imshow(image, cmap=label_colours, origin="lower", vmin=-0.5, vmax=label_colours.N - 0.5,
+                              interpolation="nearest")
+                else:
+                    error = "error" in key or "map" in key
+                    ax.imshow(image, cmap="magma" if error else "gray", origin="lower",
+                              vmin=0, vmax=float(np.percentile(image, 99.5)) or 1.0, interpolation="nearest")
             if i == 0:
                 ax.set_title(key, fontsize=7)
             if j == 0:

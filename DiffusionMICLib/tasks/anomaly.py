@@ -23,7 +23,8 @@ map (float32) and "mask" (uint8) = map > card.defaults["threshold"] (a model wit
 median + 5 MAD of its own map). RunResult.info["score"] is the mean of the top 0.1 %
 of map values inside the foreground (card.defaults["top_fraction"]: lesions are ~0.1 % of a
 brain, and top 0.1 % separated healthy from lesioned phantom subjects better than top 1 %);
-info["anomalous"] says whether it exceeds card.defaults["score_threshold"].
+info["anomalous"] says whether it exceeds card.defaults["score_threshold"]. `detect` makes the
+same map, mask and score from any reconstruction (the study's autoencoder baselines use it).
 
 Thresholds (calibrated after training, `calibrate`): the voxel threshold is the 99.9th
 percentile (card.defaults["threshold_percentile"]) of the map over healthy foreground voxels of
@@ -39,7 +40,7 @@ voxels scored are those where the map is defined plus the reference lesions.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -63,6 +64,9 @@ from .base import RunOptions, RunResult, Task
 NORMALISATION = {"method": "percentile", "percentile": 50, "value": 0.5}
 LESION = "lesion"
 PHANTOM_LESION = 4     # the phantom's (and DESIGN.md's) label value of "lesion"
+
+# reconstruct(x, crop) -> the reconstructions (draws) of x, (C, z, y, x) normalised, each (C, z, y, x)
+Reconstruct = Callable[[np.ndarray, tuple[slice, ...]], Iterable[np.ndarray]]
 
 
 def brain_mask(arrays: np.ndarray) -> np.ndarray:
@@ -158,34 +162,52 @@ class Anomaly(Task):
         return noise_from_spec(card.defaults.get("noise"), device)
 
     # ---- the anomaly map --------------------------------------------------------------------
-    def _anomaly_map(self, card: ModelCard, network: torch.nn.Module, space: ModelSpace, options: RunOptions,
-                     progress: Progress, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-        """(map, foreground) on the model grid, (z, y, x)."""
+    @staticmethod
+    def diffusion_reconstruction(card: ModelCard, network: torch.nn.Module, options: RunOptions,
+                                 progress: Progress, device: torch.device) -> Reconstruct:
+        """The AnoDDPM reconstruction: `options.ensemble` draws of partial diffusion and sampling."""
+        noise = noise_from_spec(card.defaults.get("noise"), device)
+        return lambda x, crop: sample_draws(card, network, None, options, device=device, progress=progress,
+                                            crop=crop, start=x, strength=options.strength, noise=noise)
+
+    @staticmethod
+    def anomaly_map(card: ModelCard, space: ModelSpace, reconstruct: Reconstruct) -> tuple[np.ndarray, np.ndarray]:
+        """(map, foreground) on the model grid, (z, y, x): the mean over the reconstructions of
+        |input - reconstruction| (normalised units, averaged over channels), smoothed and masked."""
         x = np.stack([to_unit(a, robust_scale(a, card.normalisation)) for a in space.arrays])
         mask = brain_mask(space.arrays)
         crop = bounding_box(mask, margin=4)
         erode = int(round(float(card.defaults.get("erode_mm", 0.0)) / min(space.model_grid.spacing)))
         if erode > 0:   # border_value=1: a cropped input's brain goes on beyond the array's edge
             mask = ndimage.binary_erosion(mask, iterations=erode, border_value=1)
-        noise = noise_from_spec(card.defaults.get("noise"), device)
         sigma = [float(card.defaults.get("smooth_mm", 2.0)) / s for s in space.model_grid.spacing[::-1]]
         total = np.zeros(mask.shape, np.float32)
-        for recon in sample_draws(card, network, None, options, device=device, progress=progress, crop=crop,
-                                  start=x, strength=options.strength, noise=noise):
+        draws = 0
+        for recon in reconstruct(x, crop):
             diff = np.abs(x - recon).mean(axis=0)
             total += ndimage.gaussian_filter(diff, sigma) if max(sigma) > 0 else diff
-        amap = total / options.ensemble
+            draws += 1
+        amap = total / max(draws, 1)
         amap[~mask] = 0.0
         return amap.astype(np.float32), mask
 
     def run(self, card: ModelCard, network: torch.nn.Module, volumes: list[Volume], options: RunOptions,
             progress: Progress, device: torch.device) -> RunResult:
+        reconstruct = self.diffusion_reconstruction(card, network, options, progress, device)
+        return self.detect(card, volumes, reconstruct, progress,
+                           {"strength": options.strength, "ensemble": options.ensemble,
+                            "noise": (card.defaults.get("noise") or {}).get("type", "gaussian")})
+
+    def detect(self, card: ModelCard, volumes: list[Volume], reconstruct: Reconstruct, progress: Progress,
+               details: dict[str, Any] | None = None) -> RunResult:
+        """Map, mask and score of input volumes on their exact grid, from any reconstruction of
+        them in the card's normalised units (the diffusion model's, or a baseline's)."""
         if len(volumes) != len(card.inputs):
             raise DiffusionMICError(f"model '{card.name}' models {' + '.join(card.inputs)}: it takes "
                                     f"{len(card.inputs)} input volume(s) in that order, got {len(volumes)}")
         space = ModelSpace.enter(volumes, card.orientation, card.spacing)
         progress.start("anomaly", 0)
-        amap, mask = self._anomaly_map(card, network, space, options, progress, device)
+        amap, mask = self.anomaly_map(card, space, reconstruct)
         progress.close()
         d = card.defaults
         score = top_mean(amap[mask], float(d.get("top_fraction", 0.001)))
@@ -195,8 +217,7 @@ class Anomaly(Task):
         if threshold is None:     # an uncalibrated model: a robust outlier level of this volume
             vals = amap[mask]
             threshold = float(np.median(vals) + 5 * 1.4826 * np.median(np.abs(vals - np.median(vals))))
-        info: dict[str, Any] = {"score": score, "threshold": float(threshold), "strength": options.strength,
-                                "ensemble": options.ensemble, "noise": (d.get("noise") or {}).get("type", "gaussian")}
+        info: dict[str, Any] = {"score": score, "threshold": float(threshold), **(details or {})}
         binary = out.array > threshold
         info["mask_voxels"] = int(binary.sum())
         info["mask_ml"] = round(float(binary.sum() * np.prod(out.spacing)) / 1000.0, 3)
@@ -211,6 +232,7 @@ class Anomaly(Task):
         network.eval()
         options = RunOptions(seed=12345).with_card_defaults(card)
         d = card.defaults
+        reconstruct = self.diffusion_reconstruction(card, network, options, progress, device)
         values, scores, used = [], [], []
         progress.start("calibrate", 0)
         for case in cases[: int(d.get("calibration_cases", 2))]:
@@ -222,7 +244,7 @@ class Anomaly(Task):
             space = ModelSpace.enter(volumes + ([lesions] if lesions is not None else []),
                                      card.orientation, card.spacing)
             images = ModelSpace(space.arrays[: len(volumes)], space.reference, space.model_grid)
-            amap, mask = self._anomaly_map(card, network, images, options, progress, device)
+            amap, mask = self.anomaly_map(card, images, reconstruct)
             healthy = mask.copy()
             if lesions is not None:
                 healthy &= ~ndimage.binary_dilation(space.arrays[-1] > 0.1, iterations=2)
