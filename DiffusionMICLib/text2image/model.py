@@ -27,8 +27,19 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 
+def quiet_libraries() -> None:
+    """No loading bars or import notices from transformers and diffusers: errors stay one line."""
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    from diffusers.utils import logging as diffusers_logging
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+
+
 def build_base(size: str = "tiny", resolution: int = 32, seed: int = 0):
     """A randomly initialised StableDiffusionPipeline of the given width (VAE downsamples by 2)."""
+    quiet_libraries()
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
     if size not in SIZES:
@@ -127,12 +138,8 @@ def _check_folder(folder: Path, weights: bool) -> None:
 
 def load_base(base: str | Path, config: str | Path | None = None, device: str = "cpu"):
     """The StableDiffusionPipeline of a base on disk (float32, no safety checker, no download)."""
-    import transformers
+    quiet_libraries()
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import logging as diffusers_logging
-    for logging in (diffusers_logging, transformers.utils.logging):   # one clear line, not loading bars
-        logging.set_verbosity_error()
-        logging.disable_progress_bar()
     check_base(base, config)
     kwargs = dict(safety_checker=None, requires_safety_checker=False, local_files_only=True, dtype=torch.float32)
     try:

@@ -63,6 +63,7 @@ def figure(result: dict[str, Any], samples: dict[str, np.ndarray], reals: dict[s
             ax.errorbar(sizes, mean, yerr=sd, marker="o", capsize=3, label=m)
         ax.axhline(base[key][0], color="grey", ls="--", label="base")
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(sizes, [str(n) for n in sizes])
         ax.set_xlabel("fine-tuning images")
         ax.set_title(label)

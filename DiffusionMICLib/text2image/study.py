@@ -26,6 +26,7 @@ from .data import CaptionedImages, load_images, read_captions
 from .finetune import finetune
 from .generate import load_pipeline, sample
 from .methods import METHODS, method_class
+from .model import resolve_device
 from .train import command_line
 
 METRICS = ("psnr", "ssim", "ms_ssim", "mmd")
@@ -46,7 +47,7 @@ def _pairwise(metric, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def score(gen: torch.Tensor, real: torch.Tensor, features) -> dict[str, Any]:
     """The study's measures of generated against real grey images (both (N, 1, H, W) in [0, 1])."""
     from monai.metrics import MMDMetric, MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
-    ssim = SSIMMetric(spatial_dims=2, data_range=1.0, kernel_size=7, reduction="none")
+    ssim = SSIMMetric(spatial_dims=2, data_range=1.0, win_size=7, reduction="none")
     msssim = MultiScaleSSIMMetric(spatial_dims=2, data_range=1.0, kernel_size=3, weights=(1 / 3, 1 / 3, 1 / 3),
                                   reduction="none")
     psnr = PSNRMetric(max_val=1.0, reduction="none")
@@ -74,7 +75,7 @@ def vae_features(pipe):
 def run_study(base: str | Path, data: str | Path, out: str | Path, *, sizes: list[int], prompts: list[str],
               heldout: str | Path | None = None, methods: list[str] | None = None, max_steps: int = 200,
               count: int = 16, steps: int = 20, guidance: float = 3.0, rank: int = 4, prior_images: int = 32,
-              token: str | None = None, seed: int = 0, device: str = "cpu",
+              token: str | None = None, seed: int = 0, device: str = "auto",
               progress: Progress | None = None) -> dict[str, Any]:
     methods = methods or list(METHODS)
     for m in methods:
@@ -96,11 +97,13 @@ def run_study(base: str | Path, data: str | Path, out: str | Path, *, sizes: lis
     if missing:
         raise DiffusionMICError(f"no held-out image has the caption '{missing[0]}' (prompts must be captions)")
     progress = progress or Progress("none")
+    device = resolve_device(device)
     t0, c0 = time.perf_counter(), time.process_time()
     base_pipe = load_pipeline(base, device=device)
     features = vae_features(base_pipe)
-    reals = {p: _grey(load_images(CaptionedImages([f for f, c in zip(held.files, held.captions) if c == p], [p]),
-                                  base_pipe.unet.config.sample_size * base_pipe.vae_scale_factor)) for p in prompts}
+    resolution = base_pipe.unet.config.sample_size * base_pipe.vae_scale_factor
+    reals = {p: _grey(load_images(CaptionedImages([f for f, c in zip(held.files, held.captions) if c == p], []),
+                                  resolution)) for p in prompts}
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "adapters").mkdir(parents=True)
