@@ -38,13 +38,22 @@ def table(result: dict[str, Any]) -> str:
 
 
 def write_report(result: dict[str, Any], samples: dict[str, np.ndarray], reals: dict[str, Any], folder: Path) -> None:
-    budget = (f"Budget: {result['finetune_steps']} fine-tuning steps per run, {result['images_per_prompt']} images "
-              f"per prompt, {result['sampler']}; whole study {result['cpu_time_s'] / 60:.1f} CPU min, "
+    write_table(result, folder / "table.md")
+    figure(result, samples, reals, folder / "study.png")
+
+
+def write_table(result: dict[str, Any], path: Path) -> None:
+    budget = (f"Budget: {result['finetune_steps']} fine-tuning steps per run (batch 8), {result['images_per_prompt']} "
+              f"images per prompt, {result['sampler']}; whole study {result['cpu_time_s'] / 60:.1f} CPU min, "
               f"{result['wall_time_s'] / 60:.1f} min wall.")
+    base = result.get("base_card") or {}
+    if base:
+        budget += (f" Base ({base.get('size')}, {base.get('resolution')} px): {base.get('images')} images, "
+                   f"{base.get('vae_steps')} VAE + {base.get('steps')} UNet/text steps (batch {base.get('batch_size')}), "
+                   f"{base.get('wall_time_s', 0) / 60:.0f} min wall.")
     prompts = "\n".join(f"{i + 1}. `{p}` ({n} held-out real images)" for i, (p, n) in
                         enumerate(result["held_out_images"].items()))
-    (folder / "table.md").write_text(f"{table(result)}\n\nPrompts:\n{prompts}\n\n{budget}\n\n{NOTE}\n", encoding="utf-8")
-    figure(result, samples, reals, folder / "study.png")
+    path.write_text(f"{table(result)}\n\nPrompts:\n{prompts}\n\n{budget}\n\n{NOTE}\n", encoding="utf-8")
 
 
 def figure(result: dict[str, Any], samples: dict[str, np.ndarray], reals: dict[str, Any], path: Path) -> None:

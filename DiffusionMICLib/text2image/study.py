@@ -26,7 +26,7 @@ from .data import CaptionedImages, load_images, read_captions
 from .finetune import finetune
 from .generate import load_pipeline, sample
 from .methods import METHODS, method_class
-from .model import resolve_device
+from .model import CARD, resolve_device
 from .train import command_line
 
 METRICS = ("psnr", "ssim", "ms_ssim", "mmd")
@@ -140,6 +140,7 @@ def run_study(base: str | Path, data: str | Path, out: str | Path, *, sizes: lis
                   "images_per_prompt": count, "sampler": f"DPM-Solver++ 2M, {steps} steps, guidance {guidance}",
                   "rank": rank, "prior_images": prior_images, "token": token, "seed": seed,
                   "held_out_images": {p: len(r) for p, r in reals.items()}, "runs": runs,
+                  "base_card": {k: v for k, v in _base_card(base).items() if k != "captions"},
                   "wall_time_s": round(time.perf_counter() - t0, 1), "cpu_time_s": round(time.process_time() - c0, 1),
                   "command": command_line()}
         (tmp / "results.json").write_text(json.dumps(result, indent=1))
@@ -150,3 +151,8 @@ def run_study(base: str | Path, data: str | Path, out: str | Path, *, sizes: lis
         shutil.rmtree(tmp, ignore_errors=True)
     return {"out": str(out), "table": str(out / "table.md"), "figure": str(out / "study.png"),
             "wall_time_s": result["wall_time_s"], "cpu_time_s": result["cpu_time_s"]}
+
+
+def _base_card(base: str | Path) -> dict[str, Any]:
+    card = Path(base) / CARD
+    return json.loads(card.read_text()) if card.is_file() else {}

@@ -213,3 +213,20 @@ def test_slices_command_captions_contrast_level_and_lesion(tmp_path, capsys):
     assert Image.open(tmp_path / "sl" / rows[0]["file_name"]).size == (16, 16)
     _fails(["text2image", "slices", str(tmp_path / "ph"), str(tmp_path / "sl2"), "--channels", "CT"], capsys,
            tmp_path / "sl2", "not in the data set")
+
+
+def test_study_command_writes_table_figure_and_results(work, tmp_path):
+    root, concept = work
+    heldout = write_images(tmp_path / "heldout", [PROMPT] * 3)
+    assert main(["text2image", "study", "--base", str(root / "base"), "--data", str(concept), "--heldout", str(heldout),
+                 "--sizes", "2,4", "--prompts", PROMPT, "--methods", "lora,embedding", "--token", "PD",
+                 "--max-steps", "1", "--count", "2", "--steps", "2", "--out", str(tmp_path / "study"),
+                 "--progress", "none"]) == 0
+    result = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert [(r["method"], r["images"]) for r in result["runs"]] == [
+        ("base", 0), ("lora", 2), ("lora", 4), ("embedding", 2), ("embedding", 4)]
+    scores = result["runs"][1]["prompts"][PROMPT]
+    assert len(scores["psnr"]) == 2 and all(-1 <= s <= 1 for s in scores["ssim"]) and scores["mmd"] == scores["mmd"]
+    table = (tmp_path / "study" / "table.md").read_text()
+    assert "| embedding | 4 |" in table and "cannot be reproduced" in table and "Base (tiny, 16 px)" in table
+    assert (tmp_path / "study" / "study.png").stat().st_size > 10_000
