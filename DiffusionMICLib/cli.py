@@ -313,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch", type=int, default=8, help="slices per batch")
     sp.add_argument("--repeats", type=int, default=3, help="timed repeats per sampler (the median counts)")
     sp.set_defaults(func=cmd_benchmark)
+
+    from .text2image.cli import add_text2image   # issue 13: Stable-Diffusion-architecture text-to-image
+    add_text2image(sub, common)
     return p
 
 
