@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_benchmark)
 
     from .text2image.cli import add_text2image   # issue 13: Stable-Diffusion-architecture text-to-image
-    add_text2image(sub, common)
+    add_text2image(add_parser, common)
     return p
 
 
