@@ -86,15 +86,15 @@ class CycleTrainer(SupervisedTrainer):
 
 
 class VAETrainer(SupervisedTrainer):
-    """A variational autoencoder (MONAI VarAutoEncoder) on the targets: the negative ELBO with a
-    Gaussian decoder of standard deviation `sigma` (in the [-1, 1] units), per voxel."""
+    """A variational autoencoder (MONAI VarAutoEncoder) on the targets: the squared error summed
+    over the voxels + `beta` * the KL divergence to N(0, I) (as MONAI's VAE tutorial), per voxel."""
 
-    def __init__(self, *args: Any, sigma: float = 0.1, **kwargs: Any):
+    def __init__(self, *args: Any, beta: float = 1.0, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.sigma = sigma
+        self.beta = beta
 
     def loss(self, batch: Batch) -> torch.Tensor:
         x = batch.target.to(self.device)
         recon, mu, logvar, _ = self.model(x)
         kl = -0.5 * torch.sum(1 + logvar - mu**2 - logvar.exp(), dim=1).mean()
-        return torch.nn.functional.mse_loss(recon, x) + 2 * self.sigma**2 * kl / x[0].numel()
+        return torch.nn.functional.mse_loss(recon, x) + self.beta * kl / x[0].numel()
