@@ -15,14 +15,16 @@ import torch
 from .. import api
 from ..engine.batches import TrainingCase
 from ..engine.pipeline import train
+from ..engine.space import robust_scale
 from ..models import ModelCard, read_card, resolve_model
 from ..progress import Progress
 from ..tasks import RunOptions, get_task
+from ..tasks.translate import NORMALISATION
 from ..volume import Volume
 from .adversarial import AdversarialTrainer, CycleTrainer
 from .core import Context, Evaluation, Method
 from .denoise import _largest_slice, slab
-from .learners import AsX0, fit_supervised, load_baseline, one_step_card, save_baseline, train_config
+from .learners import AsX0, fit_supervised, load_baseline, network, one_step_card, save_baseline
 
 TASK = "translate"
 CHANNELS = ["T1", "T2", "FLAIR"]
@@ -116,8 +118,6 @@ def test_items(ctx: Context) -> list[dict[str, Any]]:
 
 def _scaled(v: Volume) -> np.ndarray:
     """A volume divided by its robust scale, as the task's `evaluate` compares them."""
-    from ..engine.space import robust_scale
-    from ..tasks.translate import NORMALISATION
     return v.array.astype(np.float32) / robust_scale(v.array, NORMALISATION)
 
 
@@ -266,7 +266,6 @@ def _fit_cyclegan(ctx: Context, folder: Path, inputs: tuple[str, ...], output: s
 def _fit_polynomial(ctx: Context, folder: Path, inputs: tuple[str, ...], output: str,
                     max_voxels: int = 1_000_000) -> dict[str, Any]:
     """Least squares of the target on the input monomials over the training subjects' head voxels."""
-    from .learners import network
     c = card(ctx, inputs, output)
     t0 = time.perf_counter()
     cases = training_cases(ctx, c)
