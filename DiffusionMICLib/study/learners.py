@@ -4,6 +4,7 @@ through the task's own pipeline (same normalisation, grid handling, cropping and
 as the diffusion model it is compared with)."""
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -71,11 +72,10 @@ class CyclePair(torch.nn.Module):
 
 class Polynomial(torch.nn.Module):
     """A per-voxel polynomial of the input channels' intensities (every monomial up to `degree`),
-    its coefficients fitted by least squares (`fit_polynomial`). No library holds this floor."""
+    its coefficients fitted by least squares (study/translate.py's floor; no library holds it)."""
 
     def __init__(self, in_channels: int, degree: int):
         super().__init__()
-        import itertools
         self.powers = [p for p in itertools.product(range(degree + 1), repeat=in_channels) if sum(p) <= degree]
         self.register_buffer("coefficients", torch.zeros(len(self.powers), dtype=torch.float64))
 
@@ -181,15 +181,15 @@ def training_batches(card: ModelCard, cases: list[TrainingCase], config: TrainCo
 
 def fit_supervised(ctx: Context, folder: Path, card: ModelCard, kind: str, spec: dict[str, Any], loss: Loss | None,
                    *, trainer_cls: type[SupervisedTrainer] = SupervisedTrainer, label: str = "",
-                   unpaired: bool = False, config: TrainConfig | None = None,
-                   cases: list[TrainingCase] | None = None, **trainer_kwargs: Any) -> dict[str, Any]:
+                   unpaired: bool = False, cases: list[TrainingCase] | None = None,
+                   **trainer_kwargs: Any) -> dict[str, Any]:
     """Train a baseline on the task's own training cases and batches (the same crops, the same
     augmentation as the diffusion model's training) for the study's budget, and save it.
     `cases`: the task's training cases of `card`, when already loaded."""
     from ..tasks import get_task
     task = get_task(card.task)
     net = network(kind, **spec)
-    config = config or train_config(ctx.budget)
+    config = train_config(ctx.budget)
     cases = cases if cases is not None else task.training_cases(card, ctx.data.train, ctx.data.train_cases)
     if card.context:
         from ..engine.inference import stack_neighbours
