@@ -297,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Train every method of TASK on the same cases with the same budget, evaluate "
                                     "them on the same held-out cases, and write OUT/TASK.json, .md and .png; "
                                     "'study report DIR' merges the tasks into DIR/report.md.")
-    sp.add_argument("task", choices=(*TASK_NAMES, "report"), help="the task to study, or 'report'")
+    sp.add_argument("task", choices=(*TASK_NAMES, "speed", "report"),
+                    help="the task to study, 'speed' (against MONAI's DDPM-1000 path), or 'report'")
     sp.add_argument("dir", nargs="?", help="report: the study's folder")
     sp.add_argument("--data", help="an nnU-Net v2 / MSD data set, split by a fixed seed "
                                    "(default: phantom subjects, training seed 100, held-out seed 9001)")

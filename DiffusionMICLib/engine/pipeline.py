@@ -66,9 +66,10 @@ def _run_record(training: dict[str, Any]) -> dict[str, Any]:
 def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[str, Any] | None = None,
           max_steps: int | None = None, device: str = "auto", progress: Progress | None = None,
           resume: bool = True, base: tuple[ModelCard, torch.nn.Module] | None = None,
-          lora_rank: int = 0) -> ModelCard:
+          lora_rank: int = 0, trainer_cls: type[Trainer] = Trainer) -> ModelCard:
     """Train (or, with `base`, fine-tune: all weights, or rank-`lora_rank` adapters) a task's model
-    on a data set and save the model folder."""
+    on a data set and save the model folder. `trainer_cls`: a Trainer with another training loss
+    (the study's peer recipe)."""
     commit = git_commit()     # the code this training starts from (checked first: the modules are loaded by now)
     task = get_task(task_name)
     settings = dict(settings or {})
@@ -104,7 +105,7 @@ def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[s
             example.cond = stack_neighbours(example.cond, card.context)
     progress.advance(len(cases))
     out = Path(out)
-    trainer = Trainer(network, card.noise_schedule, config, dev,
+    trainer = trainer_cls(network, card.noise_schedule, config, dev,
                       num_classes=len(card.classes) or None, checkpoint_dir=out / "checkpoint",
                       noise_fn=task.training_noise(card, dev))
     resumed = resume and trainer.resume()

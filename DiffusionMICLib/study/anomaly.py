@@ -422,7 +422,7 @@ def methods(quick: bool) -> list[Method]:
         Method("ae", "Autoencoder reconstruction (MONAI AutoEncoder)", "learned", _eval_reconstruction,
                _fit_reconstruction("autoencoder", quick)),
         Method("vae", "VAE reconstruction (MONAI VarAutoEncoder)", "learned", _eval_reconstruction,
-               _fit_reconstruction("varautoencoder", quick)),
+               _fit_reconstruction("var-autoencoder", quick)),
         Method("resnet", "Supervised ResNet-10 (MONAI ResNet), slices scored by 64 x 64 tiles", "learned", _eval_resnet,
                _fit_resnet(quick), note="volume level only"),
         Method("flair", "FLAIR intensity as the map", "floor", _eval_flair),

@@ -4,6 +4,7 @@ through the task's own pipeline (same normalisation, grid handling, cropping and
 as the diffusion model it is compared with)."""
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -12,9 +13,10 @@ from typing import Any, Callable, Iterator
 import torch
 from safetensors.torch import load_model, save_model
 
-from ..engine.batches import random_batches
+from ..engine.batches import TrainingCase, random_batches
 from ..engine.network import build_network, count_parameters
 from ..engine.trainer import Batch, TrainConfig, Trainer
+from ..errors import DiffusionMICError
 from ..models import ModelCard
 from .core import Budget, Context
 
@@ -56,27 +58,66 @@ class DnCNN(torch.nn.Module):
         return c - self.body(x)
 
 
+class CyclePair(torch.nn.Module):
+    """CycleGAN's two generators (the diffusion UNet as a regression network, each way);
+    forward runs the forward direction, A -> B."""
+
+    def __init__(self, forward: dict[str, Any], backward: dict[str, Any]):
+        super().__init__()
+        self.ab, self.ba = TimeFree(forward["config"]), TimeFree(backward["config"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ab(x)
+
+
+class Polynomial(torch.nn.Module):
+    """A per-voxel polynomial of the input channels' intensities (every monomial up to `degree`),
+    its coefficients fitted by least squares (study/translate.py's floor; no library holds it)."""
+
+    def __init__(self, in_channels: int, degree: int):
+        super().__init__()
+        self.powers = [p for p in itertools.product(range(degree + 1), repeat=in_channels) if sum(p) <= degree]
+        self.register_buffer("coefficients", torch.zeros(len(self.powers), dtype=torch.float64))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, ...) -> (B, K, ...): the K monomials of the channels at each voxel."""
+        x = x.double()
+        return torch.stack([torch.prod(torch.stack([x[:, c] ** e for c, e in enumerate(p)]), 0)
+                            for p in self.powers], 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.features(x)
+        c = self.coefficients.view(1, -1, *[1] * (x.ndim - 2))
+        return (f * c).sum(1, keepdim=True).to(x.dtype)
+
+
 def network(kind: str, **spec: Any) -> torch.nn.Module:
     """Build a baseline network from a JSON-able spec (so a finished one can be rebuilt to load)."""
     from monai.networks import nets
     if kind == "diffusion-unet":
         return TimeFree(spec["config"])
+    if kind == "cyclegan":
+        return CyclePair(**spec)
+    if kind == "polynomial":
+        return Polynomial(**spec)
     if kind == "dncnn":
         return DnCNN(**spec)
     if kind == "attention-unet":
         return nets.AttentionUnet(spatial_dims=2, **spec)
+    if kind == "var-autoencoder":
+        return nets.VarAutoEncoder(**{"spatial_dims": 2, **spec})
+    if kind == "generator":
+        return nets.Generator(**spec)
     if kind == "dynunet":
         return nets.DynUNet(spatial_dims=2, **spec)
     if kind == "swin-unetr":
         return nets.SwinUNETR(spatial_dims=2, **spec)
     if kind == "autoencoder":
         return nets.AutoEncoder(spatial_dims=2, **spec)
-    if kind == "varautoencoder":
-        return nets.VarAutoEncoder(spatial_dims=2, **spec)
     if kind == "resnet":
         return nets.ResNet(spatial_dims=2, **spec)
     if kind == "patch-discriminator":
-        return nets.PatchDiscriminator(spatial_dims=2, **spec)
+        return nets.PatchDiscriminator(**{"spatial_dims": 2, **spec})
     raise ValueError(f"unknown baseline network {kind!r}")
 
 
@@ -105,7 +146,7 @@ class SupervisedTrainer(Trainer):
     supervised loss instead of the denoising one: loss(network(cond), batch)."""
 
     def __init__(self, network: torch.nn.Module, card: ModelCard, config: TrainConfig, device: torch.device,
-                 loss: Loss, checkpoint_dir: Path | None = None):
+                 loss: Loss | None, checkpoint_dir: Path | None = None):
         super().__init__(network, card.noise_schedule, config, device, checkpoint_dir=checkpoint_dir)
         self.supervised_loss = loss
 
@@ -120,29 +161,52 @@ def train_config(budget: Budget, **overrides: Any) -> TrainConfig:
                           "checkpoint_every": 10**9, "seed": 0, **overrides})
 
 
-def fit_supervised(ctx: Context, folder: Path, card: ModelCard, kind: str, spec: dict[str, Any], loss: Loss,
+def training_batches(card: ModelCard, cases: list[TrainingCase], config: TrainConfig, *,
+                     unpaired: bool = False, augment: Callable[[Batch, torch.Generator], Batch] | None = None
+                     ) -> Iterator[Batch]:
+    """The engine's batches of the task's training cases (with the task's augmentation, or
+    `augment`). unpaired: the conditioning comes from the first half of the cases and the target
+    from the second half (different subjects)."""
+    from ..tasks import get_task
+    task = get_task(card.task)
+
+    def stream(part: list[TrainingCase], seed: int) -> Iterator[Batch]:
+        return random_batches(part, spatial_dims=card.spatial_dims, patch=card.patch, batch_size=config.batch_size,
+                              seed=seed, focus_fraction=float(card.training.get("oversample", 0.0)),
+                              augment=augment or task.augment(card))
+    if not unpaired:
+        return stream(cases, config.seed * 7919)
+    if len(cases) < 2:
+        raise DiffusionMICError("unpaired training needs at least two training subjects")
+    half = len(cases) // 2
+    return (Batch(b.target, a.cond, b.labels)
+            for a, b in zip(stream(cases[:half], config.seed * 7919), stream(cases[half:], config.seed * 7919 + 1)))
+
+
+def fit_supervised(ctx: Context, folder: Path, card: ModelCard, kind: str, spec: dict[str, Any], loss: Loss | None,
                    *, trainer_cls: type[SupervisedTrainer] = SupervisedTrainer, label: str = "",
                    augment: Callable[[Batch, torch.Generator], Batch] | None = None,
                    batches: Iterator[Batch] | None = None, train: dict[str, Any] | None = None,
+                   unpaired: bool = False, cases: list[TrainingCase] | None = None,
                    **trainer_kwargs: Any) -> dict[str, Any]:
     """Train a baseline on the task's own training cases and batches (the same crops, the same
     augmentation as the diffusion model's training, or `augment` instead) for the study's budget,
     and save it. `batches` replaces the task's batches where a baseline learns from other data
-    (e.g. whole slices with a per-slice class); `train` overrides optimiser settings (e.g. its lr)."""
+    (e.g. whole slices with a per-slice class); `train` overrides optimiser settings (e.g. its lr);
+    `unpaired`: conditioning and target from different subjects; `cases`: the task's training
+    cases of `card`, when already loaded."""
     from ..tasks import get_task
     task = get_task(card.task)
     config = train_config(ctx.budget, **(train or {}))
     torch.manual_seed(config.seed)     # the same initial weights whatever ran before
     net = network(kind, **spec)
     if batches is None:
-        cases = task.training_cases(card, ctx.data.train, ctx.data.train_cases)
+        cases = cases if cases is not None else task.training_cases(card, ctx.data.train, ctx.data.train_cases)
         if card.context:
             from ..engine.inference import stack_neighbours
             for c in cases:
                 c.cond = stack_neighbours(c.cond, card.context) if c.cond is not None else None
-        batches = random_batches(cases, spatial_dims=2, patch=card.patch, batch_size=config.batch_size,
-                                 seed=config.seed * 7919, focus_fraction=float(card.training.get("oversample", 0.0)),
-                                 augment=augment or task.augment(card))
+        batches = training_batches(card, cases, config, unpaired=unpaired, augment=augment)
     trainer = trainer_cls(net, card, config, ctx.device, loss, **trainer_kwargs)
     ctx.progress.start(f"train {label or kind}", config.max_steps)
     t0 = time.perf_counter()

@@ -11,7 +11,7 @@ from typing import Any
 from ..errors import DiffusionMICError
 from .tables import _fmt, table_names
 
-ORDER = ("denoise", "translate", "segment", "anomaly", "generate")
+ORDER = ("denoise", "translate", "segment", "anomaly", "generate", "speed")
 
 
 def headline(doc: dict[str, Any]) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ from ..progress import Progress
 from .core import FULL, QUICK, Context, Evaluation, Method, StudyData, phantom_data, user_data, write_json
 from .tables import markdown, metric_columns, task_figure
 
-TASKS = ("generate", "translate", "segment", "denoise", "anomaly")
+TASKS = ("generate", "translate", "segment", "denoise", "anomaly", "speed")   # speed: the peer-path pseudo-task
 
 
 def task_study(task: str):

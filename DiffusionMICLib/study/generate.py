@@ -1,0 +1,291 @@
+"""Generation study (the survey's Table 9): the 3D diffusion generator (the task's own recipe,
+healthy/lesion classes) against a VAE (MONAI VarAutoEncoder decoding N(0, I) latents) and a GAN
+(MONAI Generator + PatchDiscriminator), on the same grid and channels (T1 + FLAIR)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .. import api
+from ..engine.batches import TrainingCase
+from ..engine.pipeline import train
+from ..engine.space import robust_scale
+from ..metrics import bright_tail_fractions, generation_metrics, image_metrics
+from ..models import ModelCard, read_card, resolve_model
+from ..progress import Progress
+from ..tasks import RunOptions, get_task
+from ..tasks.generate import NORMALISATION, onto_grid, sample_key
+from ..volume import Geometry, Volume
+from .adversarial import AdversarialTrainer, VAETrainer
+from .core import Context, Evaluation, Method
+from .learners import fit_supervised, load_baseline, one_step_card
+
+TASK = "generate"
+CHANNELS = ["T1", "FLAIR"]
+BUNDLED = "brain-mri-generate"
+COLUMNS = [("nmae", "NMAE", "lower"), ("psnr", "PSNR (dB)", "higher"), ("ssim", "SSIM", "higher"),
+           ("fraction_error", "tissue-fraction error", "lower"), ("mmd", "MMD", "lower"),
+           ("diversity_gap", "MS-SSIM gap to real pairs", "lower"),
+           ("bright_tail_gap", "bright-tail gap to real lesions (‰)", "lower")]
+NOTES = [
+    "One table per generated channel. NMAE, PSNR and SSIM: each sample against its nearest held-out real "
+    "subject (the one with the lowest NMAE over both channels), the real subject's clean image brought onto the "
+    "sample's grid (Gaussian pre-filter, linear) and both divided by their 99.5th foreground percentile; inside "
+    "that subject's brain (label > 0); mean over the samples.",
+    "Distribution measures (metrics.generation_metrics, no downloaded network): tissue-fraction error = mean "
+    "absolute difference of the 3-class 1D k-means fractions of the foreground (samples vs held-out reals); MMD "
+    "(MONAI, linear kernel) on histogram (32 bins) + 4×4×4 layout features of the foreground, not on a learned "
+    "network's features (needs at least two samples and two reals); MS-SSIM gap: the absolute difference between "
+    "the samples' mean pairwise MS-SSIM and the same among the real subjects (needs two reals).",
+    "Bright tail (FLAIR only): the fraction of foreground voxels above the 99.9th percentile of the held-out "
+    "subjects' lesion-free FLAIR (healthyTr), per mille; the gap: its absolute difference to the real lesion "
+    "subjects' fraction. The diffusion rows count their lesion-condition samples; the VAE and GAN are "
+    "unconditional, so all their samples count.",
+    "Samples: half healthy, half lesion condition for diffusion (guidance 1); the VAE and GAN decode N(0, I) "
+    "latents drawn from each sample's seed. All run through the generate task's pipeline (grid, scaling).",
+    "VAE: MONAI VarAutoEncoder, negative ELBO with a Gaussian decoder (sigma 0.1 in [-1, 1] units). GAN: MONAI "
+    "Generator + PatchDiscriminator, least-squares PatchAdversarialLoss. Both as deep as the diffusion UNet.",
+]
+
+# The recipe of the bundled brain-mri-generate (Resources/Models/brain-mri-generate/train.json),
+# with the study's budget instead of its 3900 steps of batch 2.
+RECIPE: dict[str, Any] = {
+    "task": {"channels": ["T1", "FLAIR"], "classes": "lesion", "variant": "cleanTr", "spacing": [4.0, 4.0, 4.0]},
+    "network": {"channels": [16, 32, 64], "norm_num_groups": 16},
+    "schedule": {"prediction_type": "sample", "train_steps": 10},
+    "sampler": {"name": "dpm++2m", "steps": 10},
+    "train": {"lr": 1e-3, "lr_schedule": "cosine", "ema_decay": 0.99, "ema_start": 20, "seed": 104},
+}
+QUICK = {"task": {**RECIPE["task"], "spacing": [8.0, 8.0, 8.0]},
+         "network": {"channels": [16, 32], "norm_num_groups": 16}}
+
+
+def samples_per_method(ctx: Context) -> int:
+    return 2 if ctx.quick else 8
+
+
+def recipe(ctx: Context) -> dict[str, Any]:
+    b = ctx.budget
+    settings = {**RECIPE, **(QUICK if ctx.quick else {}),
+                "train": {**RECIPE["train"], "max_steps": b.steps, "batch_size": b.batch_size,
+                          "time_limit_s": b.time_limit_s},
+                "cases": ctx.data.train_ids, "command": f"diffusion-mic study generate{' --quick' if ctx.quick else ''}"}
+    return settings
+
+
+def card(ctx: Context) -> ModelCard:
+    return get_task(TASK).make_card(ctx.data.train, recipe(ctx))
+
+
+def training_cases(ctx: Context, c: ModelCard) -> list[TrainingCase]:
+    if "cases" not in ctx.cache:
+        ctx.cache["cases"] = get_task(TASK).training_cases(c, ctx.data.train, ctx.data.train_cases)
+    return ctx.cache["cases"]
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+
+Sample = dict[str, Volume]       # channel -> volume on the model's grid, normalised scale
+
+
+def _reals(ctx: Context) -> list[dict[str, Any]]:
+    """Each held-out subject: its clean channels, lesion-free FLAIR and brain mask (2 mm)."""
+    if "reals" not in ctx.cache:
+        reals = []
+        for case in ctx.data.test:
+            labels = case.read_label()
+            reals.append({"id": case.id, "clean": {ch: case.read(ch, "cleanTr") for ch in CHANNELS},
+                          "healthy": case.read("FLAIR", "healthyTr") if "FLAIR" in case.variants.get("healthyTr", {})
+                          else None,
+                          "brain": labels.with_array((labels.array > 0).astype(np.float32))})
+        ctx.cache["reals"] = reals
+    return ctx.cache["reals"]
+
+
+def _on_grid(ctx: Context, grid: Geometry) -> list[dict[str, Volume]]:
+    """The held-out subjects normalised and brought onto a sample grid (cached per grid)."""
+    key = ("on-grid", grid.size, grid.spacing)
+    if key not in ctx.cache:
+        out = []
+        for r in _reals(ctx):
+            d = {ch: Volume(onto_grid(v.with_array(v.array.astype(np.float32) / robust_scale(v.array, NORMALISATION)),
+                                      grid), grid) for ch, v in r["clean"].items()}
+            d["brain"] = Volume((onto_grid(r["brain"], grid) > 0.5).astype(np.uint8), grid)
+            out.append(d)
+        ctx.cache[key] = out
+    return ctx.cache[key]
+
+
+def _nearest(ctx: Context, sample: Sample) -> tuple[int, dict[str, dict[str, float]]]:
+    """The held-out subject nearest to a sample (lowest NMAE over the channels) and the metrics."""
+    grid = next(iter(sample.values())).geometry
+    scores = []
+    for real in _on_grid(ctx, grid):
+        scores.append({ch: image_metrics(sample[ch], real[ch], real["brain"]) for ch in CHANNELS})
+    best = int(np.argmin([np.mean([m[ch]["nmae"] for ch in CHANNELS]) for m in scores]))
+    return best, scores[best]
+
+
+def _evaluate(ctx: Context, draw: Callable[[], list[tuple[str | None, Sample]]]) -> Evaluation:
+    """`draw()` returns (condition, sample) pairs; every sample is measured against the held-out reals."""
+    t0 = time.perf_counter()
+    drawn = draw()
+    seconds = (time.perf_counter() - t0) / len(drawn)
+    reals = _reals(ctx)
+    tables, extra, previews = {}, {"per_channel": {}}, {}
+    nearest = [_nearest(ctx, s) for _, s in drawn]
+    for ch in CHANNELS:
+        samples = [s[ch] for _, s in drawn]
+        g = generation_metrics(samples, [r["clean"][ch] for r in reals])
+        fractions = np.abs(np.subtract(g["tissue_fractions"]["samples"], g["tissue_fractions"]["reals"]))
+        d = g["diversity"]
+        row: dict[str, float | None] = {
+            **{k: float(np.mean([m[ch][k] for _, m in nearest])) for k in ("nmae", "psnr", "ssim")},
+            "fraction_error": float(np.mean(fractions)), "mmd": g["mmd"],
+            "diversity_gap": (abs(d["samples_pairwise"] - d["reals_pairwise"])
+                              if d["samples_pairwise"] is not None and d["reals_pairwise"] is not None else None),
+            "bright_tail_gap": None}
+        if ch == "FLAIR" and all(r["healthy"] is not None for r in reals):
+            lesion = [s[ch] for c, s in drawn if c in ("lesion", None)]
+            tail = bright_tail_fractions({"samples": lesion, "real lesion": [r["clean"][ch] for r in reals]},
+                                         [r["healthy"] for r in reals])
+            row["bright_tail_gap"] = 1000 * abs(tail["samples"] - tail["real lesion"])
+            g["bright_tail"] = tail
+        tables[f"{ctx.data.name}: {ch}"] = row
+        extra["per_channel"][ch] = g
+        first, (index, _) = drawn[0][1][ch], nearest[0]
+        z = first.array.shape[0] // 2
+        real = _on_grid(ctx, first.geometry)[index][ch]
+        for k, (_, s) in enumerate(drawn[:2]):
+            previews[f"{ch} sample {k + 1}"] = s[ch].array[z]
+        previews[f"{ch} sample 1: error to nearest real"] = np.abs(first.array[z] - real.array[z])
+    extra["nearest_real"] = [reals[i]["id"] for i, _ in nearest]
+    extra["conditions"] = [c for c, _ in drawn]
+    return Evaluation(tables, seconds, previews, extra)
+
+
+def write_reference(ctx: Context) -> None:
+    """The figure's first row: the first held-out subject on the study's grid."""
+    grid = Geometry.from_dict(card(ctx).grid)
+    real = _on_grid(ctx, grid)[0]
+    z = grid.size[2] // 2
+    refs = {}
+    for ch in CHANNELS:
+        refs[f"{ch} sample 1"] = real[ch].array[z]
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(ctx.out / "reference.npz", **refs)
+
+
+# ---- methods ----------------------------------------------------------------------------------
+
+def _fit_diffusion(ctx: Context, folder: Path) -> dict[str, Any]:
+    t = train(TASK, ctx.data.train_dir, folder / "model", settings=recipe(ctx), device=str(ctx.device),
+              progress=ctx.progress, resume=True).training
+    return {"steps": t["steps"], "batch_size": t["config"]["batch_size"], "wall_time_s": t["wall_time_s"]}
+
+
+def _diffusion_draws(ctx: Context, model: str | Path) -> Callable[[], list[tuple[str | None, Sample]]]:
+    """Half the samples healthy, half lesion (seeds 0, 1, ... and 1000, 1001, ...)."""
+    def draw() -> list[tuple[str | None, Sample]]:
+        c = read_card(resolve_model(model))
+        n = samples_per_method(ctx) // 2
+        out = []
+        for k, condition in enumerate(c.classes or [None]):
+            run = api.generate(model, count=n, condition=condition, seed=1000 * k, device=str(ctx.device))
+            out += [(condition, {ch: run.outputs[sample_key(i, j, ch)] for j, ch in enumerate(c.outputs)})
+                    for i in range(n)]
+        return out
+    return draw
+
+
+def _eval_diffusion(ctx: Context, folder: Path) -> Evaluation:
+    return _evaluate(ctx, _diffusion_draws(ctx, folder / "model"))
+
+
+def _eval_bundled(ctx: Context, folder: Path) -> Evaluation:
+    return _evaluate(ctx, _diffusion_draws(ctx, BUNDLED))
+
+
+def _bundled_note() -> str:
+    c = read_card(resolve_model(BUNDLED))
+    t = c.training
+    return (f"not budget-matched: {t['steps']} × {t['config']['batch_size']} in {t['wall_time_s'] / 60:.0f} min CPU, "
+            f"{c.spacing[0]:g} mm grid")
+
+
+def _latent_size(ctx: Context) -> int:
+    return 16 if ctx.quick else 128
+
+
+def _vae_spec(ctx: Context, c: ModelCard) -> dict[str, Any]:
+    levels = list(c.network["channels"])[:-1]         # as many 2x downsamplings as the diffusion UNet
+    return {"spatial_dims": 3, "in_shape": [len(c.outputs), *c.patch], "out_channels": len(c.outputs),
+            "latent_size": _latent_size(ctx), "channels": levels, "strides": [2] * len(levels), "use_sigmoid": False}
+
+
+def _gan_spec(ctx: Context, c: ModelCard) -> dict[str, Any]:
+    levels = list(c.network["channels"])[:-1]
+    start = [s // 2 ** len(levels) for s in c.patch]
+    return {"latent_shape": [_latent_size(ctx)], "start_shape": [levels[-1], *start],
+            "channels": [*levels[::-1], len(c.outputs)], "strides": [2] * len(levels) + [1]}
+
+
+def _fit_vae(ctx: Context, folder: Path) -> dict[str, Any]:
+    c = card(ctx)
+    return fit_supervised(ctx, folder, c, "var-autoencoder", _vae_spec(ctx, c), None, label="VAE",
+                          trainer_cls=VAETrainer, cases=training_cases(ctx, c))
+
+
+def _fit_gan(ctx: Context, folder: Path) -> dict[str, Any]:
+    c = card(ctx)
+    disc = {"spatial_dims": 3, "in_channels": len(c.outputs), "channels": 16, "num_layers_d": 2 if ctx.quick else 3}
+    return fit_supervised(ctx, folder, c, "generator", _gan_spec(ctx, c), None, label="GAN",
+                          trainer_cls=AdversarialTrainer, cases=training_cases(ctx, c), discriminator=disc,
+                          latent_size=_latent_size(ctx))
+
+
+class FromLatent(torch.nn.Module):
+    """A trained decoder in the diffusion network's place (as learners.AsX0): its latent is the
+    first `size` values of the sampler's initial noise, N(0, I) from the sample's own seed; with
+    a one-step DDIM x0 sampler its output is the sample, on the card's grid."""
+
+    def __init__(self, decode: Callable[[torch.Tensor], torch.Tensor], size: int):
+        super().__init__()
+        self.decode, self.size = decode, size
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decode(x.flatten(1)[:, :self.size])
+
+
+def decoder(net: torch.nn.Module, kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if kind == "var-autoencoder":
+        return lambda z: net.decode_forward(z, use_sigmoid=False)
+    return net
+
+
+def _eval_decoder(ctx: Context, folder: Path) -> Evaluation:
+    net, meta = load_baseline(folder, ctx.device)
+    c = one_step_card(card(ctx))
+    wrapped = FromLatent(decoder(net, meta["kind"]), _latent_size(ctx))
+
+    def draw() -> list[tuple[str | None, Sample]]:
+        options = RunOptions(device=str(ctx.device), count=samples_per_method(ctx)).with_card_defaults(c)
+        with torch.inference_mode():
+            run = get_task(TASK).run(c, wrapped, [], options, Progress(), ctx.device)
+        return [(None, {ch: run.outputs[sample_key(i, j, ch)] for j, ch in enumerate(c.outputs)})
+                for i in range(options.count)]
+    return _evaluate(ctx, draw)
+
+
+def methods(quick: bool) -> list[Method]:
+    return [
+        Method("diffusion", "Diffusion, 3D (x0, 10 Fast-DDPM steps, healthy/lesion)", "diffusion", _eval_diffusion,
+               _fit_diffusion),
+        Method("diffusion-bundled", f"Diffusion, bundled {BUNDLED}", "diffusion", _eval_bundled, note=_bundled_note()),
+        Method("vae", "VAE (MONAI VarAutoEncoder, N(0, I) latents)", "learned", _eval_decoder, _fit_vae),
+        Method("gan", "GAN (MONAI Generator + PatchDiscriminator)", "learned", _eval_decoder, _fit_gan),
+    ]

@@ -1,0 +1,89 @@
+"""The generation study: every method's row in a quick study, the VAE and the GAN learn, and a
+data set without the generated channels gives one clear line and writes nothing."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from DiffusionMICLib.datasets import read_dataset
+from DiffusionMICLib.errors import DiffusionMICError
+from DiffusionMICLib.progress import Progress
+from DiffusionMICLib.study import generate as study
+from DiffusionMICLib.study import run_study
+from DiffusionMICLib.study.core import Budget, Context, StudyData
+from DiffusionMICLib.study.learners import load_baseline, network
+
+
+@pytest.fixture(scope="module")
+def tiny(phantom_dir: Path, heldout_dir: Path, tmp_path_factory, one_thread) -> Context:
+    """Three phantom training subjects, one held-out subject; the quick 8 mm grid; 30 steps of batch 4."""
+    train = read_dataset(phantom_dir)
+    data = StudyData("phantom", phantom_dir, train, [c.id for c in train.cases], read_dataset(heldout_dir).cases, {})
+    budget = Budget(steps=30, batch_size=4, time_limit_s=120, train_subjects=3, test_subjects=1)
+    return Context("generate", tmp_path_factory.mktemp("generate-study"), data, budget, True,
+                   torch.device("cpu"), Progress())
+
+
+@pytest.mark.parametrize("kind, fit, steps", [("var-autoencoder", "_fit_vae", 100), ("generator", "_fit_gan", 60)])
+def test_decoders_learn(tiny: Context, kind: str, fit: str, steps: int):
+    """After 100 steps the VAE reconstructs the training volumes far better than untrained (its
+    dense bottleneck learns slowly), and after 60 the GAN's decoded N(0, I) latents have their mean
+    intensity (the untrained network's are far off); both run through the study's evaluation."""
+    tiny = replace(tiny, budget=replace(tiny.budget, steps=steps))
+    c = study.card(tiny)
+    spec = study._vae_spec(tiny, c) if kind == "var-autoencoder" else study._gan_spec(tiny, c)
+    torch.manual_seed(0)
+    untrained = network(kind, **spec).eval()
+    info = getattr(study, fit)(tiny, tiny.out / kind)
+    assert info["steps"] == steps
+    trained, _ = load_baseline(tiny.out / kind, tiny.device)
+    x = torch.from_numpy(np.stack([tc.target for tc in study.training_cases(tiny, c)]))
+    z = torch.randn(4, study._latent_size(tiny), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        if kind == "var-autoencoder":
+            errors = [float(((net.decode_forward(net.encode_forward(x)[0], use_sigmoid=False) - x) ** 2).mean())
+                      for net in (trained, untrained)]
+        else:
+            errors = [abs(float(net(z).mean() - x.mean())) for net in (trained, untrained)]
+    assert errors[0] < 0.7 * errors[1], errors
+    evaluation = study._eval_decoder(tiny, tiny.out / kind)
+    assert evaluation.tables["phantom: FLAIR"]["bright_tail_gap"] is not None
+    assert set(evaluation.previews) >= {"T1 sample 1", "FLAIR sample 2", "T1 sample 1: error to nearest real"}
+
+
+def test_data_without_flair_writes_nothing(tmp_path: Path):
+    import SimpleITK as sitk
+    data = tmp_path / "t1only"
+    (data / "imagesTr").mkdir(parents=True)
+    (data / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1"}, "labels": {"background": 0},
+                                                   "numTraining": 2, "file_ending": ".nii.gz"}))
+    for case in ("a", "b"):
+        sitk.WriteImage(sitk.GetImageFromArray(np.random.rand(4, 8, 8).astype(np.float32)),
+                        str(data / "imagesTr" / f"{case}_0000.nii.gz"))
+    out = tmp_path / "study"
+    with pytest.raises(DiffusionMICError, match="generate study needs channels T1, FLAIR.*lacks FLAIR"):
+        run_study("generate", data=data, out=out, quick=True)
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_quick_study_has_every_row(tmp_path_factory, one_thread):
+    """`study generate --quick`: every method, one table per channel, the figure."""
+    out = tmp_path_factory.mktemp("quick")
+    written = run_study("generate", out=out, quick=True)
+    doc = json.loads(Path(written["json"]).read_text())
+    assert list(doc["methods"]) == [m.name for m in study.methods(True)]
+    for name, result in doc["methods"].items():
+        assert list(result["tables"]) == ["phantom: T1", "phantom: FLAIR"], name
+        row = result["tables"]["phantom: FLAIR"]
+        assert 0 <= row["nmae"] < 1 and row["psnr"] > 0 and row["fraction_error"] < 1
+        assert row["bright_tail_gap"] is not None
+        assert result["seconds_per_volume"] > 0
+    assert doc["methods"]["diffusion"]["conditions"] == ["healthy", "lesion"]
+    assert "nearest held-out real subject" in Path(written["markdown"]).read_text()
+    assert Path(written["figure"]).stat().st_size > 10_000
