@@ -19,7 +19,8 @@ from monai.networks.schedulers import DDPMScheduler
 
 from .. import api
 from ..engine.inference import bounding_box
-from ..engine.pipeline import foreground_crop, train
+from ..engine.pipeline import train
+from ..engine.sampling import foreground_crop
 from ..engine.trainer import Batch, Trainer
 from ..models import load_model, read_card
 from ..progress import Progress
