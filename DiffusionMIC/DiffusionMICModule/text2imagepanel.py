@@ -112,8 +112,8 @@ class PanelRun:
     """One run as its panel drives it: poll() from a timer (True once done; then `result` or
     `error`), cancel() stops it at once and leaves the scene and the models as they were."""
 
-    def __init__(self, job, finish: Callable[[Any], Any]):
-        self.job, self._finish = job, finish
+    def __init__(self, job, finish: Callable[[Any], Any], label: str = ""):
+        self.job, self._finish, self.label = job, finish, label     # label: the new model's name, or the prompt
         self.done, self.result, self.error = False, None, None
 
     @property
@@ -148,8 +148,8 @@ def startFineTune(pn, textLogic, taskLogic) -> PanelRun:
     """Start the Fine-tune panel's run; its result is the backend's JSON (the new model's folder)."""
     target, request = fineTuneRequest(pn)
     if target == "text2image":
-        return PanelRun(textLogic.startFineTune(**request), textLogic.finishFineTune)
-    return PanelRun(taskLogic.startFineTune(**request), lambda job: job.wait().info)
+        return PanelRun(textLogic.startFineTune(**request), textLogic.finishFineTune, request["name"])
+    return PanelRun(taskLogic.startFineTune(**request), lambda job: job.wait().info, request["name"])
 
 
 def startGenerate(pn, textLogic) -> PanelRun:
@@ -162,4 +162,4 @@ def startGenerate(pn, textLogic) -> PanelRun:
             slicer.util.setSliceViewerLayers(background=nodes[0], fit=hasApp())
         return nodes
 
-    return PanelRun(textLogic.startGenerate(**request), finish)
+    return PanelRun(textLogic.startGenerate(**request), finish, request["prompt"])

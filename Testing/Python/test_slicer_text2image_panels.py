@@ -158,7 +158,7 @@ def test_base_choices_by_kind(monkeypatch, tmp_path):
 
 # ---- runs through the real backend ---------------------------------------------------------------
 
-def test_finetune_from_volumes_adds_the_adapter_to_the_lists(logic):
+def test_finetune_from_volumes_adds_the_adapter_to_the_lists(logic, tmp_path):
     assert tp.adapterChoices("base", logic.models(), logic.resolve) == [("(none)", "")]
     pn = params(fineTuneBase="base", fineTuneName="pd-embedding", fineTuneSource="volumes", fineTuneMethod="embedding",
                 fineTuneVolumes=[volume("PD 1"), volume("PD 2", 140.0)], fineTuneCaption=PROMPT, fineTuneToken="PD",
@@ -172,6 +172,7 @@ def test_finetune_from_volumes_adds_the_adapter_to_the_lists(logic):
                                                                           ("pd-embedding (embedding)", "pd-embedding")]
     assert tp.baseChoices("text2image", logic.models(), []) == [("base", "base")]   # an adapter is no base
     assert tp.adapterChoices(str(logic.modelsDir / "base"), logic.models(), logic.resolve)[1][1] == "pd-embedding"
+    assert tp.adapterChoices(str(tmp_path), logic.models(), logic.resolve) == [("(none)", "")]   # another base
 
 
 def test_generate_puts_volumes_into_the_scene_and_shows_the_first(logic):
@@ -211,9 +212,8 @@ def test_failed_task_finetune_lists_nothing(tmp_path):
                                 fineTuneData=tmp_path / "missing"), None, DiffusionMICLogic())
 
 
-@pytest.mark.slow
 def test_task_finetune_adds_the_model_to_the_task_panel(tmp_path):
-    """The bundled denoiser fine-tuned one step on a phantom subject (about a minute on 2 CPU cores)."""
+    """The bundled denoiser fine-tuned one step on a phantom subject (15 s here)."""
     from DiffusionMICLib.phantom import write_phantom
     write_phantom(tmp_path / "site", subjects=1, seed=1, resolution=2.0, noise=5.0, lesions=1)
     pn = params(fineTuneKind="denoise", fineTuneBase="brain-mri-denoise", fineTuneName="site-denoiser",
