@@ -18,7 +18,7 @@ from .compat import tr as _
 from .panelview import Blocked
 
 PANELS = ("fineTune", "text2image")
-CHOOSE = "\x00choose"     # the selectors' last item: "Choose a model folder..."
+CHOOSE = "<choose>"       # the selectors' last item: "Choose a model folder..."
 
 
 class Text2ImagePanels:
