@@ -225,7 +225,8 @@ class DiffusionMICWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._parameterNode:
             return
         pn = self._parameterNode
-        self._text2image.show()
+        if not self._text2image.show():
+            return   # the parameter node was completed: its Modified event shows it again
         for p in PANELS:
             if not self._views[p.task].show(pn):
                 return   # the parameter node was completed: its Modified event shows it again

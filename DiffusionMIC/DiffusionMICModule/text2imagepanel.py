@@ -8,6 +8,7 @@ the nnU-Net layout). `pn` is the module's parameter node (its fineTune* and text
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +36,12 @@ def baseChoices(kind: str, textModels: list[dict], taskModels: list[dict]) -> li
         return [(m["name"] + (" (DreamBooth)" if m["kind"] == "dreambooth" else ""), m["name"])
                 for m in textModels if m["kind"] != "adapter"]
     return [(e["name"], e.get("path", e["name"])) for e in taskModels]
+
+
+def keptChoice(value: str, choices: list[tuple[str, str]]) -> str:
+    """`value` if the selector lists it or it is a folder chosen by hand; else "" (a model of the
+    other family after the kind changed, an adapter of another base, a model gone from disk)."""
+    return value if not value or value in [v for _, v in choices] or os.path.isdir(value) else ""
 
 
 def adapterChoices(base: str, textModels: list[dict], resolve: Callable[[str], Path]) -> list[tuple[str, str]]:

@@ -17,7 +17,6 @@ from .compat import qt
 from .compat import tr as _
 from .panelview import Blocked
 
-PANELS = ("fineTune", "text2image")
 CHOOSE = "<choose>"       # the selectors' last item: "Choose a model folder..."
 
 
@@ -81,22 +80,25 @@ class Text2ImagePanels:
 
     # ---- showing the parameter node ------------------------------------------------------------
 
-    def show(self) -> None:
-        """Fill the selectors from the models on disk and the parameter node; enable what applies."""
+    def show(self) -> bool:
+        """Fill the selectors from the models read and the parameter node; enable what applies.
+        False if the parameter node had to be changed first (its Modified event shows it again)."""
         pn, ui = self.pn, self.ui
         if pn is None:
-            return
+            return True
         kind = pn.fineTuneKind
         if kind != "text2image" and kind not in self.taskModels:
             self.taskModels[kind] = self.taskLogic.models(kind)
-        adapters = tp.adapterChoices(pn.text2imageBase, self.textModels, self.textLogic.resolve)
-        if pn.text2imageAdapter not in [value for label, value in adapters]:
-            pn.text2imageAdapter = ""   # trained on another base; its Modified event shows the node again
-            return
-        self._fill(ui.fineTuneBaseComboBox, tp.baseChoices(kind, self.textModels, self.taskModels.get(kind, [])),
-                   pn.fineTuneBase, True)
-        self._fill(ui.text2imageBaseComboBox, tp.baseChoices("text2image", self.textModels, []), pn.text2imageBase, True)
-        self._fill(ui.text2imageAdapterComboBox, adapters, pn.text2imageAdapter, False)
+        choices = {"fineTuneBase": tp.baseChoices(kind, self.textModels, self.taskModels.get(kind, [])),
+                   "text2imageBase": tp.baseChoices("text2image", self.textModels, []),
+                   "text2imageAdapter": tp.adapterChoices(pn.text2imageBase, self.textModels, self.textLogic.resolve)}
+        for field, listed in choices.items():
+            if tp.keptChoice(getattr(pn, field), listed) != getattr(pn, field):
+                setattr(pn, field, "")
+                return False
+        self._fill(ui.fineTuneBaseComboBox, choices["fineTuneBase"], pn.fineTuneBase, True)
+        self._fill(ui.text2imageBaseComboBox, choices["text2imageBase"], pn.text2imageBase, True)
+        self._fill(ui.text2imageAdapterComboBox, choices["text2imageAdapter"], pn.text2imageAdapter, False)
         volumes = ui.fineTuneVolumesComboBox
         with Blocked(volumes):
             for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
@@ -111,6 +113,7 @@ class Text2ImagePanels:
                 button = getattr(ui, f"{panel}ApplyButton")
                 ready, why = check(pn)
                 button.enabled, button.toolTip = ready, _(why)
+        return True
 
     # ---- runs ----------------------------------------------------------------------------------
 

@@ -154,6 +154,10 @@ def test_base_choices_by_kind(monkeypatch, tmp_path):
                            "description": "Fine-tuned from brain-mri-denoise"}
     assert tp.baseChoices("denoise", [], entries)[-1] == ("site-denoiser", str(tuned))
     assert "site-denoiser" not in [e["name"] for e in DiffusionMICLogic.models("segment")]
+    # Another kind: a text-to-image base is no denoise model (cleared); a folder chosen by hand stays.
+    assert tp.keptChoice("base", tp.baseChoices("denoise", textModels, entries)) == ""
+    assert tp.keptChoice(str(tmp_path), tp.baseChoices("denoise", textModels, entries)) == str(tmp_path)
+    assert tp.keptChoice("db", tp.baseChoices("text2image", textModels, [])) == "db"
 
 
 # ---- runs through the real backend ---------------------------------------------------------------
