@@ -1,8 +1,9 @@
 """DiffusionMIC: diffusion models for medical image computing in 3D Slicer.
 
 One panel per task (generate, modality conversion, segment, denoise, anomaly detection), a
-Compare panel, Fine-tune and Text to image. This file holds the module class, the Widget's wiring and the test entry point;
-the work is in DiffusionMICModule/ (logic, jobs, results, panels, install, selftest, ...).
+Compare panel, Fine-tune and Text to image. This file holds the module class, the Widget's
+wiring and the test entry point; the work is in DiffusionMICModule/ (logic, jobs, results, panels,
+install, selftest, ...).
 DiffusionMICLogic needs no Qt: it also runs on slicer-core, outside Slicer.
 """
 import logging

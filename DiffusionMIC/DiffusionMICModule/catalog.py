@@ -74,7 +74,8 @@ def finetunedModels(task: str) -> list[dict[str, Any]]:
         card = readCard(path) if not path.name.startswith(".") else None
         if card and card.get("task") == task:
             tuned = (card.get("training") or {}).get("finetune") or {}
-            description = f"Fine-tuned from {tuned['base_model']}" if tuned.get("base_model") else card.get("description", "")
+            description = (f"Fine-tuned from {tuned['base_model']}" if tuned.get("base_model")
+                           else card.get("description", ""))
             found.append({"name": path.name, "task": task, "path": str(path), "description": description})
     return found
 
