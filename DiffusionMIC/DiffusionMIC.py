@@ -1,8 +1,9 @@
 """DiffusionMIC: diffusion models for medical image computing in 3D Slicer.
 
-One panel per task (generate, modality conversion, segment, denoise, anomaly detection) and a
-Compare panel. This file holds the module class, the Widget's wiring and the test entry point;
-the work is in DiffusionMICModule/ (logic, jobs, results, panels, install, selftest, ...).
+One panel per task (generate, modality conversion, segment, denoise, anomaly detection), a
+Compare panel, Fine-tune and Text to image. This file holds the module class, the Widget's
+wiring and the test entry point; the work is in DiffusionMICModule/ (logic, jobs, results, panels,
+install, selftest, ...).
 DiffusionMICLogic needs no Qt: it also runs on slicer-core, outside Slicer.
 """
 import logging
@@ -40,6 +41,8 @@ from DiffusionMICModule.logic import DependencyError, DiffusionMICLogic  # noqa:
 from DiffusionMICModule.panels import PANELS, TASKS  # noqa: E402,F401
 from DiffusionMICModule.panelview import PanelView  # noqa: E402
 from DiffusionMICModule.parameters import DiffusionMICParameterNode, DiffusionMICSampling  # noqa: E402,F401
+from DiffusionMICModule.text2image import Text2ImageLogic  # noqa: E402
+from DiffusionMICModule.text2imageview import Text2ImagePanels  # noqa: E402
 
 resourcePath = catalog.resourcePath
 
@@ -59,7 +62,8 @@ uncertainty map, <b>denoise</b>, and <b>detect anomalies</b> (a coloured map ove
 thresholded region and a score). Each panel: pick a model, then one input volume per contrast it
 asks for, press Apply. Results appear next to the input in the Data module, on the input's exact
 voxel grid. <b>Compare</b> shows an input and a result side by side with linked views and
-measures a result against a reference (PSNR, SSIM, Dice, ...) into a table.
+measures a result against a reference (PSNR, SSIM, Dice, ...) into a table. <b>Fine-tune</b>
+adapts a model to your own images; <b>Text to image</b> makes images from a prompt.
 Models come from the DiffusionMIC model catalog or from a model folder you trained with
 <code>diffusion-mic train</code>. The sample data set "DiffusionMIC brain phantom" is simulated
 locally. Not for clinical use.
@@ -94,6 +98,7 @@ class DiffusionMICWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._jobs = {}            # panel name -> DiffusionMICJob
         self._cards = {}           # model -> card dict (or None)
         self._views = {}           # task -> PanelView
+        self._text2image = None    # the Fine-tune and Text-to-image panels
         self._timer = None
 
     def resourcePath(self, filename):
@@ -124,6 +129,7 @@ class DiffusionMICWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.compareProgressBar.hide()
         self.ui.refreshModelsButton.connect("clicked(bool)", self.populateModels)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onCheckDependencies)
+        self._text2image = Text2ImagePanels(self.ui, self.logic, Text2ImageLogic(), onModelsChanged=self.populateModels)
         self.populateModels()
         self.initializeParameterNode()
 
@@ -135,6 +141,7 @@ class DiffusionMICWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self._cancelAll()
+        self._text2image.cancelAll()
         self._timer.stop()
         self.removeObservers()
 
@@ -152,6 +159,7 @@ class DiffusionMICWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self._cancelAll()   # results would land in a scene that is going away
+        self._text2image.cancelAll()
         for panel in (*TASKS, "compare"):
             self._setRunning(panel, False)
         self.setParameterNode(None)
@@ -168,6 +176,7 @@ class DiffusionMICWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
+        self._text2image.pn = inputParameterNode
         if self._parameterNode:
             # .ui widgets with a "SlicerParameterName" property are bound to the parameter node;
             # the input selectors are built here from the model's card and bound by _onInputChanged.
@@ -188,6 +197,7 @@ class DiffusionMICWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._cards.clear()
         for task, view in self._views.items():
             view.populate(self.logic.models(task), self._parameterNode and getattr(self._parameterNode, f"{task}Model"))
+        self._text2image.populate()
         self._onParameterNodeModified()
 
     def onModelSelected(self, task) -> None:
@@ -216,6 +226,8 @@ class DiffusionMICWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._parameterNode:
             return
         pn = self._parameterNode
+        if not self._text2image.show():
+            return   # the parameter node was completed: its Modified event shows it again
         for p in PANELS:
             if not self._views[p.task].show(pn):
                 return   # the parameter node was completed: its Modified event shows it again

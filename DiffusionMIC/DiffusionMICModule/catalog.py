@@ -61,6 +61,25 @@ def cacheDir() -> Path:
     return Path(os.environ.get("DIFFUSIONMIC_CACHE", Path.home() / ".cache" / "diffusionmic"))
 
 
+def finetunedDir() -> Path:
+    """Where the Fine-tune panel writes task models (one model folder each)."""
+    return cacheDir() / "finetuned"
+
+
+def finetunedModels(task: str) -> list[dict[str, Any]]:
+    """The task's models in finetunedDir(): [{"name", "task", "description", "path"}], by name."""
+    found = []
+    folder = finetunedDir()
+    for path in sorted(folder.iterdir()) if folder.is_dir() else ():
+        card = readCard(path) if not path.name.startswith(".") else None
+        if card and card.get("task") == task:
+            tuned = (card.get("training") or {}).get("finetune") or {}
+            description = (f"Fine-tuned from {tuned['base_model']}" if tuned.get("base_model")
+                           else card.get("description", ""))
+            found.append({"name": path.name, "task": task, "path": str(path), "description": description})
+    return found
+
+
 def resolveModel(model: str | os.PathLike, root: Path | None = None) -> Path | None:
     """A model folder for a folder path or catalog name; None if it is not on this computer."""
     path = Path(model)

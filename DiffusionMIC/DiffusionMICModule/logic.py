@@ -104,8 +104,9 @@ class DiffusionMICLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def models(task) -> list:
-        """Catalog entries for a task: [{"name", "task", "description"}] (`diffusion-mic models list`)."""
-        return catalog.modelsForTask(task)
+        """Catalog entries for a task: [{"name", "task", "description"}] (`diffusion-mic models list`),
+        then the task's models made by startFineTune (with their "path")."""
+        return catalog.modelsForTask(task) + catalog.finetunedModels(task)
 
     @staticmethod
     def modelCard(model):
@@ -389,3 +390,37 @@ class DiffusionMICLogic(ScriptedLoadableModuleLogic):
             return DiffusionMICResult("train", None, {}, info)
 
         return self._startJob("train", args, finish, onProgress, onFinished, onError)
+
+    def startFineTune(self, task, model, dataDir, name, loraRank=8, maxSteps=None, onProgress=None, onFinished=None,
+                      onError=None) -> DiffusionMICJob:
+        """`diffusion-mic finetune TASK --model M --data DIR` in the background. The model is written
+        in the job's temporary folder and moved to catalog.finetunedDir()/name when it is complete,
+        where models(task) lists it; a cancelled or failed run leaves nothing there."""
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+        if not model:
+            raise ValueError(f"choose the {task} model to fine-tune")
+        if not dataDir or not os.path.isdir(dataDir):
+            raise ValueError(f"the data set folder '{dataDir}' does not exist")
+        if not name or os.path.basename(name) != name or name.startswith("."):
+            raise ValueError(f"'{name}' is not a plain folder name")
+        target = catalog.finetunedDir() / name
+        if target.exists():
+            raise ValueError(f"a model named '{name}' exists already in {target.parent}")
+
+        def args(folder):
+            out = ["finetune", task, "--model", model, "--data", dataDir, "--out", os.path.join(folder, "model"),
+                   "--lora-rank", loraRank, "--progress", "json"]
+            return out + (["--max-steps", maxSteps] if maxSteps else [])
+
+        def finish(info):
+            built = info["model"]
+            shutil.rmtree(os.path.join(built, "checkpoint"), ignore_errors=True)   # resume state, not the model
+            # The temporary folder may be on another file system: copy beside the target, then rename.
+            partial = target.with_name(f".{name}.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.move(built, partial)
+            os.replace(partial, target)
+            return DiffusionMICResult("finetune", None, {}, dict(info, model=str(target)))
+
+        return self._startJob("finetune", args, finish, onProgress, onFinished, onError)

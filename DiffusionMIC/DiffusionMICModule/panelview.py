@@ -55,8 +55,8 @@ class PanelView:
         "Choose a model folder..."."""
         with Blocked(self.combo):
             self.combo.clear()
-            for entry in entries:
-                self._addModel(entry["name"], entry["name"], entry.get("description", ""))
+            for entry in entries:   # catalog models by name, fine-tuned ones by their folder
+                self._addModel(entry["name"], entry.get("path", entry["name"]), entry.get("description", ""))
             if current and self.combo.findData(current) < 0:
                 self._addModel(os.path.basename(str(current).rstrip("/\\")) or current, current, current)
             self.combo.addItem(_("Choose a model folder..."), "")

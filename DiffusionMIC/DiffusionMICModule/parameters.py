@@ -1,5 +1,6 @@
 """The module's parameter node (parameterNodeWrapper): every panel's choices, saved with the scene."""
 
+from pathlib import Path
 from typing import Annotated, Union
 
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
@@ -7,6 +8,7 @@ from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTabl
 from .catalog import SAMPLERS
 from .compat import Choice, WithinRange, parameterNodeWrapper, parameterPack
 from .panels import TASKS
+from .text2imagepanel import FINETUNE_KINDS, FINETUNE_SOURCES, METHODS
 
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 
@@ -66,3 +68,27 @@ class DiffusionMICParameterNode:
     compareMask: vtkMRMLScalarVolumeNode
     compareTask: Annotated[str, Choice(["auto", *TASKS])] = "auto"
     compareTable: vtkMRMLTableNode
+
+    # Fine-tune (text2imagepanel.py): a text-to-image base or a task model, on a folder or on
+    # scene volumes (text-to-image only); the new model is <fineTuneName> in the models' folder.
+    fineTuneKind: Annotated[str, Choice(list(FINETUNE_KINDS))] = "text2image"
+    fineTuneBase: str = ""
+    fineTuneMethod: Annotated[str, Choice(list(METHODS))] = "lora"
+    fineTuneSource: Annotated[str, Choice(list(FINETUNE_SOURCES))] = "folder"
+    fineTuneData: Path
+    fineTuneVolumes: list[vtkMRMLScalarVolumeNode]
+    fineTuneCaption: str = ""
+    fineTuneToken: str = ""
+    fineTuneName: str = ""
+    fineTuneMaxSteps: Annotated[int, WithinRange(1, 100000)] = 400
+    fineTuneRank: Annotated[int, WithinRange(0, 256)] = 4
+    fineTunePriorImages: Annotated[int, WithinRange(0, 10000)] = 0
+
+    # Text to image: a base (or DreamBooth folder), an adapter trained on it, a prompt.
+    text2imageBase: str = ""
+    text2imageAdapter: str = ""
+    text2imagePrompt: str = ""
+    text2imageCount: Annotated[int, WithinRange(1, 16)] = 1
+    text2imageSeed: Annotated[int, WithinRange(0, 2147483647)] = 0
+    text2imageSteps: Annotated[int, WithinRange(1, 1000)] = 20
+    text2imageGuidance: Annotated[float, WithinRange(0.0, 30.0)] = 3.0

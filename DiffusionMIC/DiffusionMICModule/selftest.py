@@ -51,8 +51,9 @@ class AllPanels:
 
     def _model(self, logic, task, workDir, phantomDir):
         for entry in logic.models(task):
-            if logic.modelCard(entry["name"]) is not None:
-                return entry["name"]
+            model = entry.get("path", entry["name"])   # fine-tuned models are listed with their folder
+            if logic.modelCard(model) is not None:
+                return model
         out = os.path.join(workDir, f"model-{task}")
         job = logic.startTrain(task, phantomDir, out, maxSteps=5, config={**TINY, **TASK_SETTINGS.get(task, {})})
         try:

@@ -313,6 +313,10 @@ def test_ui_file_matches_parameter_node_and_widget():
             assert base is int and "WithinRange" in kinds, name
         elif cls in ("ctkSliderWidget", "QDoubleSpinBox"):
             assert base is float and "WithinRange" in kinds, name
+        elif cls == "QLineEdit":
+            assert base is str, name
+        elif cls == "ctkPathLineEdit":
+            assert base is Path, name
         else:
             pytest.fail(f"{name}: {cls} is not a widget the parameter node wrapper connects")
         bound[param] = name
@@ -322,7 +326,8 @@ def test_ui_file_matches_parameter_node_and_widget():
         assert f"{task}Output" in bound
     connected = {c.find("receiver").text for c in root.iter("connection")
                  if c.find("signal").text == "mrmlSceneChanged(vtkMRMLScene*)"}
-    mrml_widgets = {n for n, w in widgets.items() if w.get("class") in ("qMRMLNodeComboBox", "qMRMLTableView")}
+    mrml_widgets = {n for n, w in widgets.items()
+                    if w.get("class") in ("qMRMLNodeComboBox", "qMRMLCheckableNodeComboBox", "qMRMLTableView")}
     assert mrml_widgets == connected
     # Every panel of the table has its widgets; the code uses no other suffix than these.
     suffixes = ("ApplyButton", "ModelComboBox", "ModelInfoLabel", "ProgressBar", "StatusLabel", "InputsWidget",
@@ -332,7 +337,8 @@ def test_ui_file_matches_parameter_node_and_widget():
     required |= {f"{p.task}ScoreLabel" for p in panels.PANELS if p.showsScore}
     required |= {f"{p.task}ConditionComboBox" for p in panels.PANELS if "condition" in p.extraOptions}
     required |= {"compareProgressBar", "compareStatusLabel", "compareMetricsButton"}
-    source = (MODULE_DIR / "DiffusionMIC.py").read_text() + (MODULE_DIR / "DiffusionMICModule" / "panelview.py").read_text()
+    source = "".join((MODULE_DIR / name).read_text() for name in (
+        "DiffusionMIC.py", "DiffusionMICModule/panelview.py", "DiffusionMICModule/text2imageview.py"))
     required |= set(re.findall(r"self\.ui\.(\w+)", source))
     assert set(re.findall(r'widget\((?:\w+, )?"(\w+)"', source)) <= set(suffixes)
     missing = sorted(n for n in required if n not in widgets)
