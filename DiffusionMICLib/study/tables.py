@@ -110,6 +110,9 @@ def task_figure(path: Path, doc: dict[str, Any], work: Path) -> Path | None:
         keys += [k for k in previews if k not in keys]
     if not rows or not keys:
         return None
+    # one intensity window per column (the median over rows of each image's 99.5th percentile, so
+    # that one failed method does not set it): the methods' images and error maps compare at a glance
+    window = {k: float(np.median([np.percentile(p[k], 99.5) for _, p in rows if k in p])) or 1.0 for k in keys}
     fig, axes = plt.subplots(len(rows), len(keys), figsize=(2.2 * len(keys), 2.2 * len(rows)), squeeze=False)
     for i, (label, previews) in enumerate(rows):
         for j, key in enumerate(keys):
@@ -123,7 +126,7 @@ def task_figure(path: Path, doc: dict[str, Any], work: Path) -> Path | None:
                 else:
                     error = "error" in key or "map" in key
                     ax.imshow(image, cmap="magma" if error else "gray", origin="lower",
-                              vmin=0, vmax=float(np.percentile(image, 99.5)) or 1.0, interpolation="nearest")
+                              vmin=0, vmax=window[key], interpolation="nearest")
             if i == 0:
                 ax.set_title(key, fontsize=7)
             if j == 0:
