@@ -47,10 +47,14 @@ class Text2ImageJob:
         return self.process.wait(timeout=timeout, idle=idle)
 
     def cancel(self) -> None:
-        self.process.cancel()
-        self.cleanup()
+        """End the run without blocking: the process is stopped in the background and, once it
+        has exited, its temporary and partial folders are removed."""
         partial = self.out.with_name(f".{self.out.name}.partial")
-        shutil.rmtree(partial, ignore_errors=True)
+
+        def removeFolders() -> None:
+            self.cleanup()
+            shutil.rmtree(partial, ignore_errors=True)
+        self.process.cancel(onReaped=removeFolders)
 
     def cleanup(self) -> None:
         shutil.rmtree(self.workDir, ignore_errors=True)

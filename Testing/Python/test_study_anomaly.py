@@ -69,7 +69,7 @@ def _healthy_error(ctx, folder) -> float:
     return float(np.mean((recon[0] - x[0])[brain] ** 2))
 
 
-@pytest.mark.parametrize("name", ["ae", "vae"])
+@pytest.mark.parametrize("name", ["ae", pytest.param("vae", marks=pytest.mark.slow)])   # the VAE family: test_study_generate
 def test_reconstruction_model_learns_healthy_anatomy(name, tiny, tmp_path):
     """Trained on one subject's healthy slab: reconstructs another subject's healthy slab far better
     than untrained, and its map ranks that subject's lesion voxels high."""

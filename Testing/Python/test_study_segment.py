@@ -66,7 +66,8 @@ def floor(tiny, tmp_path_factory):
     return seg.methods(True)[-1].evaluate(ctx, ctx.out / "centroid").tables["phantom"]
 
 
-@pytest.mark.parametrize("name", ["nnunet", pytest.param("swin-unetr", marks=pytest.mark.slow), "segnet"])
+@pytest.mark.parametrize("name", ["nnunet", pytest.param("swin-unetr", marks=pytest.mark.slow),
+                                  pytest.param("segnet", marks=pytest.mark.slow)])   # one segmentation network by default
 def test_baseline_learns_to_beat_the_floor(name, tiny, floor, tmp_path):
     """Trained on one subject's slab, tested on another's, in the study's quick configuration."""
     train, test = tiny

@@ -44,7 +44,8 @@ def copy_t1(tiny: Context) -> float:
     return get_task("translate").evaluate(item["volumes"][0], item["reference"], item["mask"])["psnr"]
 
 
-@pytest.mark.parametrize("fit", ["_fit_polynomial", "_fit_unet", "_fit_attention", "_fit_pix2pix"])
+@pytest.mark.parametrize("fit", ["_fit_polynomial", "_fit_unet", pytest.param("_fit_attention", marks=pytest.mark.slow),
+                                 "_fit_pix2pix"])   # the attention UNet: the UNet family, run with -m slow
 def test_paired_baselines_learn(tiny: Context, copy_t1: float, fit: str):
     folder = tiny.out / fit
     getattr(study, fit)(tiny, folder, *DIRECTION)
@@ -53,6 +54,7 @@ def test_paired_baselines_learn(tiny: Context, copy_t1: float, fit: str):
     assert psnr > copy_t1 + 0.5, f"{fit}: {psnr:.2f} dB, copying T1 {copy_t1:.2f} dB"
 
 
+@pytest.mark.slow     # the adversarial family is tested by pix2pix in the default suite
 def test_cyclegan_learns_unpaired(tiny: Context):
     """CycleGAN sees inputs and targets of different subjects; after 40 steps its cycle A -> B -> A
     returns the inputs far better than its untrained self (which returns zeros)."""

@@ -97,7 +97,9 @@ def test_cancel_leaves_no_model(base, tmp_path):
     while not job.poll() and job.progress.get("stage") != "finetune lora" and time.monotonic() < deadline:
         time.sleep(0.2)
     assert job.progress.get("stage") == "finetune lora"
-    job.cancel()
+    job.cancel()      # returns at once; the process ends and its folders go in the background
+    while (not job.poll() or job.workDir.exists()) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert job.process.cancelled and job.poll()
     assert not list(logic.modelsDir.iterdir()) and not job.workDir.exists()
 
