@@ -217,9 +217,11 @@ class BackendProcess:
                 t.join(timeout=1)
         finally:
             self._forget()
-            self.reaped.set()
-            if onReaped is not None:
-                onReaped()
+            try:
+                if onReaped is not None:
+                    onReaped()
+            finally:
+                self.reaped.set()     # after onReaped: a waiter then sees its clean-up done
 
     def _forget(self) -> None:
         with _runningLock:
