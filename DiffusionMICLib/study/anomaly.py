@@ -25,7 +25,7 @@ from ..progress import Progress
 from ..tasks import get_task
 from ..tasks.anomaly import Reconstruct, brain_mask, lesion_reference
 from ..volume import Volume
-from .core import PHANTOM_TEST_SEED, Context, Evaluation, Method
+from .core import PHANTOM_TEST_SEED, Context, Evaluation, Method, budget_recipe, bundled_note
 from .learners import SupervisedTrainer, fit_supervised, load_baseline
 from .segment import cut_slab, largest_slice
 
@@ -88,19 +88,8 @@ KL_WEIGHT = 1e-3
 RESNET_LR = 3e-3
 
 
-def _recipe(ctx: Context, noise: dict[str, Any] | None = None) -> dict[str, Any]:
-    b = ctx.budget
-    settings = {**RECIPE, "task": {**RECIPE["task"], **(noise or {})},
-                "train": {**RECIPE["train"], "max_steps": b.steps, "batch_size": b.batch_size,
-                          "time_limit_s": b.time_limit_s}, "cases": ctx.data.train_ids,
-                "command": f"diffusion-mic study anomaly{' --quick' if ctx.quick else ''}"}
-    if ctx.quick:
-        settings["network"] = QUICK_NETWORK
-    return settings
-
-
 def _card(ctx: Context) -> ModelCard:
-    return get_task(TASK).make_card(ctx.data.train, _recipe(ctx))
+    return get_task(TASK).make_card(ctx.data.train, budget_recipe(ctx, RECIPE, QUICK_NETWORK))
 
 
 # ---- the cases (the same for every method) --------------------------------------------------------
@@ -239,7 +228,8 @@ def write_reference(ctx: Context) -> None:
 
 def _fit_diffusion(noise: dict[str, Any] | None):
     def fit(ctx: Context, folder: Path) -> dict[str, Any]:
-        card = train(TASK, ctx.data.train_dir, folder / "model", settings=_recipe(ctx, noise), device=str(ctx.device),
+        card = train(TASK, ctx.data.train_dir, folder / "model", device=str(ctx.device),
+                     settings=budget_recipe(ctx, RECIPE, QUICK_NETWORK, **(noise or {})),
                      progress=ctx.progress, resume=True)
         t = card.training
         return {"steps": t["steps"], "batch_size": t["config"]["batch_size"], "wall_time_s": t["wall_time_s"]}
@@ -259,15 +249,6 @@ def _eval_diffusion(ctx: Context, folder: Path) -> Evaluation:
 
 def _eval_bundled(ctx: Context, folder: Path) -> Evaluation:
     return _evaluate(ctx, _model_detector(ctx, BUNDLED))
-
-
-def _bundled_note() -> str:
-    try:
-        t = read_card(resolve_model(BUNDLED)).training
-    except (DiffusionMICError, OSError):      # no bundled models beside this installation
-        return "not budget-matched"
-    return (f"not budget-matched: {t['steps']} × {t['config']['batch_size']} steps, "
-            f"{t['wall_time_s'] / 60:.0f} min on 2 CPU cores, {len(t['cases'])} subjects")
 
 
 # ---- reconstruction baselines (AE, VAE) and the FLAIR floor ----------------------------------------
@@ -418,7 +399,7 @@ def methods(quick: bool) -> list[Method]:
         Method("diffusion-gaussian", "Diffusion, Gaussian noise", "diffusion", _eval_diffusion,
                _fit_diffusion(GAUSSIAN)),
         Method("diffusion-bundled", f"Diffusion, bundled {BUNDLED} (simplex)", "diffusion", _eval_bundled,
-               note=_bundled_note()),
+               note=bundled_note(BUNDLED)),
         Method("ae", "Autoencoder reconstruction (MONAI AutoEncoder)", "learned", _eval_reconstruction,
                _fit_reconstruction("autoencoder", quick)),
         Method("vae", "VAE reconstruction (MONAI VarAutoEncoder)", "learned", _eval_reconstruction,

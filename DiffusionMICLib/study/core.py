@@ -14,6 +14,7 @@ import torch
 
 from ..datasets import Case, Dataset, read_dataset
 from ..errors import DiffusionMICError
+from ..models import read_card, resolve_model
 from ..progress import Progress
 
 PHANTOM_TRAIN_SEED = 100      # the bundled models' training subjects
@@ -144,3 +145,30 @@ def user_data(root: Path, test_fraction: float = 0.2) -> StudyData:
     return StudyData(name=Path(root).name, train_dir=Path(root), train=dataset, train_ids=train_ids, test=test,
                      source={"kind": "dataset", "path": str(root), "split_seed": SPLIT_SEED,
                              "train_cases": train_ids, "test_cases": [c.id for c in test]})
+
+
+def budget_recipe(ctx: Context, recipe: dict[str, Any], quick_network: dict[str, Any] | None = None,
+                  **task: Any) -> dict[str, Any]:
+    """A diffusion model's training settings (its bundled model's train.json) at the study's budget,
+    on the study's training cases; `task` overrides entries of its "task" settings."""
+    b = ctx.budget
+    settings = {**recipe, "train": {**recipe.get("train", {}), "max_steps": b.steps, "batch_size": b.batch_size,
+                                    "time_limit_s": b.time_limit_s},
+                "cases": ctx.data.train_ids, "command": f"diffusion-mic study {ctx.task}{' --quick' if ctx.quick else ''}"}
+    if task:
+        settings["task"] = {**recipe.get("task", {}), **task}
+    if ctx.quick and quick_network is not None:
+        settings["network"] = quick_network
+    return settings
+
+
+def bundled_note(name: str, extra: str = "") -> str:
+    """The table note of a bundled model's row: the budget it was trained with (not the study's)."""
+    try:
+        card = read_card(resolve_model(name))
+    except (DiffusionMICError, OSError):      # no bundled models beside this installation
+        return "not budget-matched"
+    t = card.training
+    return (f"not budget-matched: {t['steps']} × {t['config']['batch_size']} steps in "
+            f"{t['wall_time_s'] / 60:.0f} min CPU, {len(t.get('cases', []))} subjects{extra}")
+

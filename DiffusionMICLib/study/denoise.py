@@ -17,7 +17,7 @@ from ..metrics import image_metrics
 from ..progress import Progress
 from ..tasks import RunOptions, get_task
 from ..volume import Volume
-from .core import Context, Evaluation, Method
+from .core import Context, Evaluation, Method, budget_recipe, bundled_note
 from .learners import AsX0, fit_supervised, load_baseline, one_step_card
 from .realmr import real_mr
 
@@ -64,18 +64,8 @@ def rician(clean: np.ndarray, percent: float, seed: int) -> np.ndarray:
     return np.sqrt((c + n1) ** 2 + n2**2)
 
 
-def _recipe(ctx: Context) -> dict[str, Any]:
-    b = ctx.budget
-    settings = {**RECIPE, "train": {**RECIPE["train"], "max_steps": b.steps, "batch_size": b.batch_size,
-                                    "time_limit_s": b.time_limit_s}, "cases": ctx.data.train_ids,
-                "command": f"diffusion-mic study denoise{' --quick' if ctx.quick else ''}"}
-    if ctx.quick:
-        settings["network"] = QUICK_NETWORK
-    return settings
-
-
 def _card(ctx: Context):
-    return get_task(TASK).make_card(ctx.data.train, _recipe(ctx))
+    return get_task(TASK).make_card(ctx.data.train, budget_recipe(ctx, RECIPE, QUICK_NETWORK))
 
 
 # ---- the test images (the same for every method) ------------------------------------------------
@@ -165,7 +155,8 @@ def write_reference(ctx: Context) -> None:
 # ---- methods --------------------------------------------------------------------------------------
 
 def _fit_diffusion(ctx: Context, folder: Path) -> dict[str, Any]:
-    card = train(TASK, ctx.data.train_dir, folder / "model", settings=_recipe(ctx), device=str(ctx.device),
+    card = train(TASK, ctx.data.train_dir, folder / "model", device=str(ctx.device),
+                 settings=budget_recipe(ctx, RECIPE, QUICK_NETWORK),
                  progress=ctx.progress, resume=True)
     t = card.training
     return {"steps": t["steps"], "batch_size": t["config"]["batch_size"], "wall_time_s": t["wall_time_s"]}
@@ -263,7 +254,7 @@ def methods(quick: bool) -> list[Method]:
     out = [
         Method("diffusion", "Diffusion (x0, 4 Fast-DDPM steps, 2.5D)", "diffusion", _eval_diffusion, _fit_diffusion),
         Method("diffusion-bundled", "Diffusion, bundled brain-mri-denoise", "diffusion", _eval_bundled,
-               note="trained longer: 5000 × 8, 15 min; not budget-matched"),
+               note=bundled_note("brain-mri-denoise")),
         Method("unet", "UNet regression (same network, MSE)", "learned", _eval_baseline,
                _baseline_fit("diffusion-unet", _unet_spec)),
         Method("dncnn", "DnCNN", "learned", _eval_baseline, _baseline_fit("dncnn", _dncnn_spec(quick)),

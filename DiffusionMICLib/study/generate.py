@@ -21,7 +21,7 @@ from ..tasks import RunOptions, get_task
 from ..tasks.generate import NORMALISATION, onto_grid, sample_key
 from ..volume import Geometry, Volume
 from .adversarial import AdversarialTrainer, VAETrainer
-from .core import Context, Evaluation, Method
+from .core import Context, Evaluation, Method, bundled_note
 from .learners import fit_supervised, load_baseline, one_step_card
 
 TASK = "generate"
@@ -210,13 +210,6 @@ def _eval_bundled(ctx: Context, folder: Path) -> Evaluation:
     return _evaluate(ctx, _diffusion_draws(ctx, BUNDLED))
 
 
-def _bundled_note() -> str:
-    c = read_card(resolve_model(BUNDLED))
-    t = c.training
-    return (f"not budget-matched: {t['steps']} × {t['config']['batch_size']} in {t['wall_time_s'] / 60:.0f} min CPU, "
-            f"{c.spacing[0]:g} mm grid")
-
-
 def _latent_size(ctx: Context) -> int:
     return 16 if ctx.quick else 128
 
@@ -285,7 +278,7 @@ def methods(quick: bool) -> list[Method]:
     return [
         Method("diffusion", "Diffusion, 3D (x0, 10 Fast-DDPM steps, healthy/lesion)", "diffusion", _eval_diffusion,
                _fit_diffusion),
-        Method("diffusion-bundled", f"Diffusion, bundled {BUNDLED}", "diffusion", _eval_bundled, note=_bundled_note()),
+        Method("diffusion-bundled", f"Diffusion, bundled {BUNDLED}", "diffusion", _eval_bundled, note=bundled_note(BUNDLED, ", 4 mm grid")),
         Method("vae", "VAE (MONAI VarAutoEncoder, N(0, I) latents)", "learned", _eval_decoder, _fit_vae),
         Method("gan", "GAN (MONAI Generator + PatchDiscriminator)", "learned", _eval_decoder, _fit_gan),
     ]

@@ -22,7 +22,7 @@ from ..models import ModelCard, read_card, resolve_model
 from ..progress import Progress
 from ..tasks import RunOptions, get_task
 from ..volume import Volume
-from .core import Context, Evaluation, Method, write_json
+from .core import Context, Evaluation, Method, budget_recipe, bundled_note, write_json
 from .learners import AsX0, fit_supervised, load_baseline, one_step_card
 
 TASK = "segment"
@@ -84,18 +84,8 @@ SEGNET = ({"channels": (32, 64, 128, 256), "strides": (2, 2, 2, 2), "num_res_uni
 LR = 1e-2
 
 
-def _recipe(ctx: Context) -> dict[str, Any]:
-    b = ctx.budget
-    settings = {**RECIPE, "train": {**RECIPE["train"], "max_steps": b.steps, "batch_size": b.batch_size,
-                                    "time_limit_s": b.time_limit_s}, "cases": ctx.data.train_ids,
-                "command": f"diffusion-mic study segment{' --quick' if ctx.quick else ''}"}
-    if ctx.quick:
-        settings["network"] = QUICK_NETWORK
-    return settings
-
-
 def _card(ctx: Context) -> ModelCard:
-    return get_task(TASK).make_card(ctx.data.train, _recipe(ctx))
+    return get_task(TASK).make_card(ctx.data.train, budget_recipe(ctx, RECIPE, QUICK_NETWORK))
 
 
 # ---- the test cases (the same for every method) -------------------------------------------------
@@ -189,7 +179,8 @@ def write_reference(ctx: Context) -> None:
 # ---- diffusion ------------------------------------------------------------------------------------
 
 def _fit_diffusion(ctx: Context, folder: Path) -> dict[str, Any]:
-    card = train(TASK, ctx.data.train_dir, folder / "model", settings=_recipe(ctx), device=str(ctx.device),
+    card = train(TASK, ctx.data.train_dir, folder / "model", device=str(ctx.device),
+                 settings=budget_recipe(ctx, RECIPE, QUICK_NETWORK),
                  progress=ctx.progress, resume=True)
     t = card.training
     return {"steps": t["steps"], "batch_size": t["config"]["batch_size"], "wall_time_s": t["wall_time_s"]}
@@ -218,15 +209,6 @@ def _eval_bundled(ctx: Context, folder: Path) -> Evaluation:
     if card.labels != {"background": 0, **_labels(ctx)} or not set(card.inputs) <= set(ctx.data.train.channels):
         return Evaluation({}, extra={"skipped": f"{BUNDLED} segments other labels than this data set's"})
     return _evaluate(ctx, _model_segmenter(ctx, BUNDLED))
-
-
-def _bundled_note() -> str:
-    try:
-        t = read_card(resolve_model(BUNDLED)).training
-    except (DiffusionMICError, OSError):      # no bundled models beside this installation
-        return "not budget-matched"
-    return (f"not budget-matched: {t['steps']} × {t['config']['batch_size']} steps, "
-            f"{t['wall_time_s'] / 60:.0f} min on 2 CPU cores, {len(t['cases'])} subjects")
 
 
 # ---- learned baselines ---------------------------------------------------------------------------
@@ -374,7 +356,7 @@ def methods(quick: bool) -> list[Method]:
                _fit_diffusion),
         Method("diffusion-ens5", "Diffusion, ensemble 5", "diffusion", _eval_ensemble,
                note="the ensemble-1 model, 5 draws"),
-        Method("diffusion-bundled", f"Diffusion, bundled {BUNDLED}", "diffusion", _eval_bundled, note=_bundled_note()),
+        Method("diffusion-bundled", f"Diffusion, bundled {BUNDLED}", "diffusion", _eval_bundled, note=bundled_note(BUNDLED)),
         Method("nnunet", "nnU-Net stand-in (MONAI DynUNet)", "learned", _eval_baseline, _baseline_fit("dynunet", quick),
                note="nnunetv2 needs torchvision"),
         Method("swin-unetr", "SwinUNETR (VT-UNet stand-in)", "learned", _eval_baseline,

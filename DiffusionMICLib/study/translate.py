@@ -22,7 +22,7 @@ from ..tasks import RunOptions, get_task
 from ..tasks.translate import NORMALISATION
 from ..volume import Volume
 from .adversarial import AdversarialTrainer, CycleTrainer
-from .core import Context, Evaluation, Method
+from .core import Context, Evaluation, Method, bundled_note
 from .denoise import _largest_slice, slab
 from .learners import AsX0, fit_supervised, load_baseline, network, one_step_card, save_baseline
 
@@ -215,12 +215,6 @@ def _eval_bundled(ctx: Context, folder: Path) -> Evaluation:
     return _evaluate(ctx, _model_converter(ctx, lambda i, o: BUNDLED), directions=(direction,))
 
 
-def _bundled_note() -> str:
-    t = read_card(resolve_model(BUNDLED)).training
-    return (f"not budget-matched: {t['steps']} × {t['config']['batch_size']} in "
-            f"{t['wall_time_s'] / 60:.0f} min CPU; T1 + T2 → FLAIR only")
-
-
 def _l1(pred: torch.Tensor, batch) -> torch.Tensor:
     return torch.nn.functional.l1_loss(pred, batch.target.to(pred.device))
 
@@ -305,7 +299,7 @@ def methods(quick: bool) -> list[Method]:
     return [
         Method("diffusion", "Diffusion (x0, 4 Fast-DDPM steps)", "diffusion", _eval_diffusion,
                _per_direction(_fit_diffusion)),
-        Method("diffusion-bundled", f"Diffusion, bundled {BUNDLED}", "diffusion", _eval_bundled, note=_bundled_note()),
+        Method("diffusion-bundled", f"Diffusion, bundled {BUNDLED}", "diffusion", _eval_bundled, note=bundled_note(BUNDLED, "; T1 + T2 → FLAIR only")),
         Method("unet-l1", "UNet, L1 regression (same network)", "learned", _eval_baseline, _per_direction(_fit_unet)),
         Method("attention-unet", "Attention UNet, L1 regression (MONAI AttentionUnet)", "learned", _eval_baseline,
                _per_direction(_fit_attention)),

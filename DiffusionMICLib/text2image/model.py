@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import DiffusionMICError
+from ..models import sha256_file
 from .tokenizer import MAX_LENGTH, clip_tokenizer
 
 CARD = "text2image.json"
@@ -91,18 +92,10 @@ def base_sha256(path: str | Path) -> str:
     """SHA-256 of a single-file checkpoint, or of a folder's (relative path, file SHA-256) list."""
     path = Path(path)
     if path.is_file():
-        return _file_sha256(path)
+        return sha256_file(path)
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name != CARD):
-        h.update(f"{f.relative_to(path).as_posix()} {_file_sha256(f)}\n".encode())
-    return h.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+        h.update(f"{f.relative_to(path).as_posix()} {sha256_file(f)}\n".encode())
     return h.hexdigest()
 
 
