@@ -28,7 +28,7 @@ def cmd_phantom(args: argparse.Namespace) -> dict[str, Any]:
     progress = _progress(args)
     progress.start("phantom", args.subjects)
     cases = write_phantom(Path(args.out), subjects=args.subjects, seed=args.seed, resolution=args.resolution,
-                          noise=args.noise, lesions=args.lesions, progress=lambda done, total: progress.advance())
+                          noise=args.noise, lesions=args.lesions, lesion_kind=args.lesion_kind, progress=lambda done, total: progress.advance())
     progress.close()
     return {"out": str(args.out), "cases": cases, "wall_time_s": round(time.perf_counter() - t0, 2)}
 
@@ -216,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--resolution", type=float, choices=(1.0, 2.0), default=2.0, help="voxel size in mm")
     sp.add_argument("--noise", type=float, default=3.0, help="Rician noise, percent of the brightest tissue")
     sp.add_argument("--lesions", type=int, default=3, help="lesions per subject (0: healthy)")
+    sp.add_argument("--lesion-kind", choices=("hyper", "iso", "hypo", "mixed", "tumour"), default="hyper",
+                    help="hyper: FLAIR-bright MS lesions; iso: grey-matter-like tissue in white matter; hypo: "
+                         "T1 black holes; mixed: each lesion one of those; tumour: one mass with necrosis, "
+                         "oedema and mass effect (when --lesions > 0)")
     common(sp, device=False)
     sp.set_defaults(func=cmd_phantom)
 

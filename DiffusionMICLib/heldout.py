@@ -28,7 +28,7 @@ from .tasks.segment import largest_component
 from .tasks.translate import NORMALISATION as TRANSLATE_SCALE
 from .volume import Geometry, Volume
 
-LESION = 4   # the phantom's lesion label
+LESION = 4   # the phantom's lesion label; every abnormal tissue (lesion kinds, tumour) is >= 4
 
 
 @dataclass
@@ -56,7 +56,7 @@ def brain(case: Case) -> Volume:
 def lesion_centre(case: Case) -> tuple[int, int, int]:
     """The centre of the case's largest lesion, or of its brain when it has none."""
     labels = case.read_label().array
-    lesion = labels == LESION
+    lesion = labels >= LESION
     region = largest_component(lesion.astype(np.uint8)) > 0 if lesion.any() else labels > 0
     return tuple(int(round(c)) for c in ndimage.center_of_mass(region))
 
@@ -116,7 +116,7 @@ def anomaly(model: str | Path, case: Case, progress: Progress, **options: Any) -
     card = read_card(resolve_model(model))
     inputs = [case.read(ch) for ch in card.inputs]
     reference = case.read_label()
-    lesion = reference.with_array((reference.array == LESION).astype(np.uint8))
+    lesion = reference.with_array((reference.array >= LESION).astype(np.uint8))
     run = api.anomaly(inputs, model, progress=progress, **options)
     amap, amask = run.outputs["output"], run.outputs["mask"]
     metrics = {**api.evaluate("anomaly", amap, reference), "score": run.info.get("score"),

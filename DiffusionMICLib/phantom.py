@@ -23,9 +23,24 @@ lies between about 100 and 750 in every contrast; FLAIR CSF is near 0. One smoot
 multiplicative bias field (receive coil, about +-10-20 %) is shared by all four contrasts.
 
 Lesions (MS-like): deformed ellipsoids (1-3 overlapping lobes, 2-12 mm radius, log-uniform)
-placed in deep WM (55 %), periventricular (25 %) or juxtacortical (20 %) white matter; each has
-its own T1 (900-1200 ms), T2 (140-240 ms) and PD (0.85-0.95): hypointense on T1w, bright on
-T2w and FLAIR. They replace GM/WM (never CSF) with soft, partial-volume edges.
+placed in deep WM (55 %), periventricular (25 %) or juxtacortical (20 %) white matter, each with
+its own T1, T2 and PD drawn from its kind's ranges (`LESION_KINDS`); they replace GM/WM (never
+CSF) with soft, partial-volume edges. Kinds (`lesion_kind`):
+- hyper (label 4, the default): T1 900-1200 ms, T2 140-240 ms, PD 0.85-0.95: hypointense on T1w,
+  the brightest brain tissue on T2w-like FLAIR (MS plaques);
+- iso (label 5): grey-matter-like tissue inside white matter (heterotopia-like): iso-intense
+  to GM in every contrast, so only its place gives it away;
+- hypo (label 6): T1 1400-1900 ms, T2 110-150 ms ("black holes"): darker than GM on T1w, darker
+  than WM on FLAIR, brighter than WM but darker than CSF on T2w;
+- mixed: each lesion is hyper, iso or hypo (equally likely; labels 4, 5, 6);
+- tumour: one glioma-like mass in deep white matter instead of the lesions: a solid part
+  (label 7, 8-15 mm radius, slightly FLAIR-bright), usually a necrotic core (label 9, CSF-like
+  but not nulled on FLAIR) and vasogenic oedema spreading only through the surrounding white
+  matter (label 8, bright on T2w/FLAIR), with mass effect: the tissue around it is pushed
+  outwards by a smooth radial displacement (up to 0.7 x the radius, decaying over about the
+  radius + 8 mm; monotone, so nothing folds). Its `healthy` images are the undeformed anatomy.
+With the same seed every kind but tumour puts its lesions in the same places (the kind only
+changes their tissue parameters), and hyper reproduces the phantom made before kinds existed.
 
 Noise: Rician, sigma = noise % of the subject's brightest pure-tissue signal in that contrast
 (BrainWeb convention): acquired = sqrt((clean + n1)^2 + n2^2), n1, n2 ~ N(0, sigma). Background
@@ -64,6 +79,17 @@ TISSUES = {
     "WM": {"T1": 500.0, "T2": 70.0, "PD": 0.77},
 }
 LESION_RANGE = {"T1": (900.0, 1200.0), "T2": (140.0, 240.0), "PD": (0.85, 0.95)}
+# Abnormal tissues: label value and (T1, T2, PD) ranges. "lesion" is the hyperintense MS lesion.
+ANOMALIES = {
+    "lesion": (4, LESION_RANGE),
+    "iso-lesion": (5, {"T1": (800.0, 870.0), "T2": (79.0, 88.0), "PD": (0.84, 0.88)}),
+    "hypo-lesion": (6, {"T1": (1400.0, 1900.0), "T2": (110.0, 150.0), "PD": (0.86, 0.92)}),
+    "tumour": (7, {"T1": (950.0, 1100.0), "T2": (100.0, 120.0), "PD": (0.86, 0.90)}),
+    "oedema": (8, {"T1": (850.0, 950.0), "T2": (120.0, 150.0), "PD": (0.84, 0.88)}),
+    "necrosis": (9, {"T1": (2000.0, 2400.0), "T2": (250.0, 300.0), "PD": (0.95, 0.98)}),
+}
+LESION_KINDS = {"hyper": ("lesion",), "iso": ("iso-lesion",), "hypo": ("hypo-lesion",),
+                "mixed": ("lesion", "iso-lesion", "hypo-lesion"), "tumour": ("tumour", "oedema", "necrosis")}
 
 _T1_CSF, _FLAIR_TR = TISSUES["CSF"]["T1"], 9000.0
 PROTOCOLS = {  # ms; FLAIR TI nulls CSF for the finite TR: 1 - 2 exp(-TI/T1) + exp(-TR/T1) = 0
@@ -237,15 +263,29 @@ def _unit(rng: np.random.Generator) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def _lesions(rng: np.random.Generator, count: int, fractions: np.ndarray, resolution: float):
-    """Lesion map L in [0, 1] (z, y, x), index of the dominant lesion per voxel, and its parameters."""
-    shape = fractions.shape[1:]
-    lesion = np.zeros(shape, np.float32)
-    owner = np.zeros(shape, np.int16)
-    params = np.zeros((count + 1, 3))
-    if count == 0:
-        return lesion, owner, params
-    # where lesions may go, worked out on a grid of about 2 mm whatever the resolution
+def _blob(rng: np.random.Generator, c: np.ndarray, r: float, axes, resolution: float):
+    """A deformed ellipsoid of radius about `r` mm around `c` (RAS mm): (z, y, x) slices, part in [0, 1]."""
+    semi = r * np.exp(np.clip(rng.normal(0.0, 0.25, 3), -0.5, 0.5))
+    semi *= r / np.prod(semi) ** (1 / 3)
+    rot = np.linalg.qr(rng.standard_normal((3, 3)))[0]
+    lin, quad = rng.normal(0.0, 0.1, 3), rng.normal(0.0, 0.15, (3, 3))
+    quad = (quad + quad.T) / 2
+    reach = 1.6 * semi.max() + resolution
+    box = [np.flatnonzero(np.abs(axes[a] - c[a]) <= reach) for a in range(3)]
+    if any(len(b) == 0 for b in box):
+        return None, None
+    sl = tuple(slice(b[0], b[-1] + 1) for b in box[::-1])          # z, y, x
+    local = np.stack(np.meshgrid(axes[2][sl[0]] - c[2], axes[1][sl[1]] - c[1],
+                                 axes[0][sl[2]] - c[0], indexing="ij")[::-1], axis=-1) @ rot
+    dist = np.linalg.norm(local, axis=-1)
+    n = local / np.maximum(dist, 1e-6)[..., None]
+    rho = np.linalg.norm(local / semi, axis=-1)
+    bump = np.clip(n @ lin + np.einsum("...i,ij,...j->...", n, quad, n), -0.4, 0.4)
+    return sl, np.clip(0.5 + (1.0 + bump - rho) * r / resolution, 0.0, 1.0).astype(np.float32)
+
+
+def _white_matter_pools(fractions: np.ndarray, resolution: float):
+    """Where lesions may go, worked out on a grid of about 2 mm whatever the resolution."""
     step = max(1, round(2.0 / resolution))
     coarse = fractions[:, ::step, ::step, ::step]
     edt = functools.partial(ndimage.distance_transform_edt, sampling=resolution * step)
@@ -254,48 +294,102 @@ def _lesions(rng: np.random.Generator, count: int, fractions: np.ndarray, resolu
     ventricles = (coarse[0] >= 0.5) & (brain_depth >= 20.0)
     near_ventricle = edt(~ventricles) <= 6.0 if ventricles.any() else np.zeros(white.shape, bool)
     near_gm = edt(coarse[1] < 0.5) <= 3.0
-    wm_depth = edt(white)
     pools = {"deep": white & ~near_gm & ~near_ventricle, "peri": white & near_ventricle,
              "juxta": white & near_gm & ~near_ventricle}
+    return step, white, edt(white), pools
+
+
+def _pick(rng: np.random.Generator, pool: np.ndarray, fallback: np.ndarray, axes, step: int,
+          resolution: float) -> np.ndarray:
+    """A random point (RAS mm) of a coarse-grid pool (or of `fallback` when the pool is empty)."""
+    candidates = np.flatnonzero(pool) if pool.any() else np.flatnonzero(fallback)
+    zi, yi, xi = np.unravel_index(candidates[rng.integers(len(candidates))], pool.shape)
+    return (np.array([axes[0][::step][xi], axes[1][::step][yi], axes[2][::step][zi]])
+            + rng.uniform(-0.5, 0.5, 3) * resolution * step)
+
+
+def _lesions(rng: np.random.Generator, kinds: list[str], fractions: np.ndarray, resolution: float):
+    """Lesion map L in [0, 1] (z, y, x), index of the dominant lesion per voxel, its (T1, T2, PD)
+    and its label value; `kinds` names each lesion's entry of ANOMALIES."""
+    count = len(kinds)
+    shape = fractions.shape[1:]
+    lesion = np.zeros(shape, np.float32)
+    owner = np.zeros(shape, np.int16)
+    params = np.zeros((count + 1, 3))
+    values = np.zeros(count + 1, np.uint8)
+    if count == 0:
+        return lesion, owner, params, values
+    step, white, wm_depth, pools = _white_matter_pools(fractions, resolution)
     axes = _axes_mm(resolution)                     # x, y, z centres
-    coarse_axes = [a[::step] for a in axes]
-    for k in range(1, count + 1):
+    for k, kind in enumerate(kinds, start=1):
         radius = math.exp(rng.uniform(math.log(2.0), math.log(12.0)))
         u = rng.random()
         place = "deep" if u < 0.55 else "peri" if u < 0.8 else "juxta"
         pool = pools[place]
         if place == "deep":
             pool = pool & (wm_depth >= min(0.6 * radius, 6.0))
-        candidates = np.flatnonzero(pool) if pool.any() else np.flatnonzero(white)
-        zi, yi, xi = np.unravel_index(candidates[rng.integers(len(candidates))], white.shape)
-        centre = (np.array([coarse_axes[0][xi], coarse_axes[1][yi], coarse_axes[2][zi]])
-                  + rng.uniform(-0.5, 0.5, 3) * resolution * step)
+        centre = _pick(rng, pool, white, axes, step, resolution)
         lobes = [(centre, radius)]
         for _ in range(rng.binomial(2, 0.35) if radius > 4.0 else 0):
             lobes.append((centre + 0.7 * radius * _unit(rng), radius * rng.uniform(0.4, 0.7)))
-        params[k] = [rng.uniform(*LESION_RANGE[p]) for p in ("T1", "T2", "PD")]
+        values[k], ranges = ANOMALIES[kind]
+        params[k] = [rng.uniform(*ranges[p]) for p in ("T1", "T2", "PD")]
         for c, r in lobes:
-            semi = r * np.exp(np.clip(rng.normal(0.0, 0.25, 3), -0.5, 0.5))
-            semi *= r / np.prod(semi) ** (1 / 3)
-            rot = np.linalg.qr(rng.standard_normal((3, 3)))[0]
-            lin, quad = rng.normal(0.0, 0.1, 3), rng.normal(0.0, 0.15, (3, 3))
-            quad = (quad + quad.T) / 2
-            reach = 1.6 * semi.max() + resolution
-            box = [np.flatnonzero(np.abs(axes[a] - c[a]) <= reach) for a in range(3)]
-            if any(len(b) == 0 for b in box):
+            sl, part = _blob(rng, c, r, axes, resolution)
+            if sl is None:
                 continue
-            sl = tuple(slice(b[0], b[-1] + 1) for b in box[::-1])          # z, y, x
-            local = np.stack(np.meshgrid(axes[2][sl[0]] - c[2], axes[1][sl[1]] - c[1],
-                                         axes[0][sl[2]] - c[0], indexing="ij")[::-1], axis=-1) @ rot
-            dist = np.linalg.norm(local, axis=-1)
-            n = local / np.maximum(dist, 1e-6)[..., None]
-            rho = np.linalg.norm(local / semi, axis=-1)
-            bump = np.clip(n @ lin + np.einsum("...i,ij,...j->...", n, quad, n), -0.4, 0.4)
-            part = np.clip(0.5 + (1.0 + bump - rho) * r / resolution, 0.0, 1.0).astype(np.float32)
             region = lesion[sl]
             owner[sl][part > region] = k
             lesion[sl] = np.maximum(region, part)
-    return lesion, owner, params
+    return lesion, owner, params, values
+
+
+def _push(arrays: np.ndarray, centre: np.ndarray, amplitude: float, width: float,
+          resolution: float) -> np.ndarray:
+    """Mass effect: (n, z, y, x) maps with the tissue around `centre` (RAS mm) pushed outwards.
+
+    A voxel at distance d from the centre takes the value found at distance d - u(d) along the
+    same ray, u(d) = amplitude exp(-d^2 / (2 width^2)); monotone (no folding) while
+    width > 0.61 amplitude. Voxels farther than 4 widths keep their values exactly."""
+    axes = _axes_mm(resolution)
+    reach = 4.0 * width
+    box = [np.flatnonzero(np.abs(axes[a] - centre[a]) <= reach) for a in range(3)]
+    if any(len(b) == 0 for b in box):
+        return arrays
+    sl = tuple(slice(b[0], b[-1] + 1) for b in box[::-1])            # z, y, x
+    rel = np.meshgrid(axes[2][sl[0]] - centre[2], axes[1][sl[1]] - centre[1],
+                      axes[0][sl[2]] - centre[0], indexing="ij")        # z, y, x offsets in mm
+    d = np.sqrt(rel[0] ** 2 + rel[1] ** 2 + rel[2] ** 2)
+    shrink = np.maximum(d - amplitude * np.exp(-d**2 / (2 * width**2)), 0.0) / np.maximum(d, 1e-6)
+    shrink[d > reach] = 1.0                     # u(4 widths) = 3e-4 amplitude: cut off, exactly
+    # array indices grow with RAS mm on every axis (step `resolution`): shift each index by the offset
+    index = np.meshgrid(*[np.arange(s.start, s.stop) for s in sl], indexing="ij")
+    coords = np.stack([index[a] + (shrink - 1.0) * rel[a] / resolution for a in range(3)])
+    out = arrays.copy()
+    for i in range(len(arrays)):
+        out[i][sl] = ndimage.map_coordinates(arrays[i], coords, order=1, mode="nearest")
+    return out
+
+
+def _tumour(rng: np.random.Generator, fractions: np.ndarray, texture: np.ndarray, resolution: float):
+    """One glioma-like mass: fractions and texture with its mass effect, and its solid, necrosis
+    and oedema maps (z, y, x, in [0, 1]; necrosis within the solid map, oedema a share of WM)."""
+    step, white, wm_depth, pools = _white_matter_pools(fractions, resolution)
+    axes = _axes_mm(resolution)
+    radius = rng.uniform(8.0, 15.0)
+    centre = _pick(rng, pools["deep"] & (wm_depth >= 4.0), white, axes, step, resolution)
+    amplitude = 0.7 * radius
+    fractions, texture = (_push(a, centre, amplitude, radius + 8.0, resolution) for a in (fractions, texture))
+    shape = fractions.shape[1:]
+    maps = {name: np.zeros(shape, np.float32) for name in ("solid", "necrosis", "oedema")}
+    for name, r in (("solid", radius), ("necrosis", radius * rng.uniform(0.4, 0.65)),
+                    ("oedema", radius + rng.uniform(6.0, 14.0))):
+        sl, part = _blob(rng, centre, r, axes, resolution)
+        if sl is not None and (name != "necrosis" or rng.random() < 0.75):
+            maps[name][sl] = part
+    maps["oedema"] = ndimage.gaussian_filter(maps["oedema"], 2.0 / resolution)
+    maps["necrosis"] = np.minimum(maps["necrosis"], maps["solid"])
+    return fractions, texture, maps
 
 
 # ----------------------------------------------------------------------------- signals
@@ -311,7 +405,7 @@ def _jitter(rng: np.random.Generator, sd: float):
     return 1.0 + float(np.clip(rng.normal(0.0, sd), -2 * sd, 2 * sd))
 
 
-def _check(*, seed, resolution, noise, lesions, subjects=1) -> None:
+def _check(*, seed, resolution, noise, lesions, subjects=1, lesion_kind="hyper") -> None:
     """One-line errors for arguments a user may get wrong on the command line."""
     def whole(v, least):
         return not isinstance(v, bool) and isinstance(v, (int, np.integer)) and v >= least
@@ -326,16 +420,41 @@ def _check(*, seed, resolution, noise, lesions, subjects=1) -> None:
         raise DiffusionMICError(f"phantom noise must be a percent between 0 and 100, got {noise!r}")
     if not whole(lesions, 0):
         raise DiffusionMICError(f"phantom lesions must be a whole number >= 0, got {lesions!r}")
+    if lesion_kind not in LESION_KINDS:
+        raise DiffusionMICError(f"phantom lesion kind must be one of {', '.join(LESION_KINDS)}, got {lesion_kind!r}")
+
+
+def labels_for(lesion_kind: str = "hyper") -> dict[str, int]:
+    """The label map's labels for a lesion kind: the tissues and the abnormal tissues it can hold."""
+    return {**{k: v for k, v in LABELS.items() if v < 4},
+            **{name: ANOMALIES[name][0] for name in LESION_KINDS[lesion_kind]}}
+
+
+def _lesion_kinds(seed: int, lesion_kind: str, count: int) -> list[str]:
+    """Each lesion's ANOMALIES entry; mixed draws them from their own generator, so the lesions
+    land where the other kinds put them."""
+    names = LESION_KINDS[lesion_kind]
+    if lesion_kind == "tumour":
+        return []
+    if len(names) == 1:
+        return list(names) * count
+    return [names[i] for i in np.random.default_rng([seed, 1]).integers(len(names), size=count)]
+
+
+def _tissue_params(rng: np.random.Generator, name: str) -> tuple[float, float, float]:
+    ranges = ANOMALIES[name][1]
+    return tuple(rng.uniform(*ranges[p]) for p in ("T1", "T2", "PD"))
 
 
 def make_subject(seed: int, *, resolution: float = 2.0, noise: float = 3.0,
-                 lesions: int = 3) -> Subject:
+                 lesions: int = 3, lesion_kind: str = "hyper") -> Subject:
     """One simulated subject: T1w, T2w, PD and FLAIR (acquired, clean, healthy) and its label map.
 
     `resolution` mm isotropic (1 or 2 are typical), `noise` Rician noise in percent of the
-    brightest tissue, `lesions` number of lesions (0: a healthy subject).
+    brightest tissue, `lesions` number of lesions (0: a healthy subject; tumour: one tumour
+    when > 0), `lesion_kind` one of LESION_KINDS.
     """
-    _check(seed=seed, resolution=resolution, noise=noise, lesions=lesions)
+    _check(seed=seed, resolution=resolution, noise=noise, lesions=lesions, lesion_kind=lesion_kind)
     resolution, lesions = float(resolution), int(lesions)
     rng = np.random.default_rng(seed)
 
@@ -344,30 +463,42 @@ def make_subject(seed: int, *, resolution: float = 2.0, noise: float = 3.0,
                      "T2": v["T2"] * _jitter(rng, 0.01 if name == "CSF" else 0.04),
                      "PD": v["PD"] * _jitter(rng, 0.01 if name == "CSF" else 0.03)}
               for name, v in TISSUES.items()}
-    fractions = _warped_fractions(rng, resolution)
+    anatomy = _warped_fractions(rng, resolution)
     t = _mni()
     bias_coef = _random_coef(rng, 3, rng.uniform(0.06, 0.11))       # log-field RMS 6-11 %
     bias = np.exp(_cosine_field(bias_coef, _axes_mm(resolution), t.fov, t.lo)).astype(np.float32)
     texture = _textures(rng, 4, resolution)       # T1 and PD modulation, GM/lesion and WM
     amp = 0.03
+    fractions, textured, tumour = anatomy, texture, None
+    if lesion_kind == "tumour" and lesions > 0:
+        fractions, textured, tumour = _tumour(rng, anatomy, texture, resolution)
+
+    def signals(fr: np.ndarray, tx: np.ndarray):
+        """Per channel: the mixed healthy signal and the CSF, GM, WM signals (inside voxels)."""
+        tex_t1 = {"CSF": 1.0, "GM": 1.0 + amp * tx[0], "WM": 1.0 + amp * tx[2]}
+        tex_pd = {"CSF": 1.0, "GM": 1.0 + amp * tx[1], "WM": 1.0 + amp * tx[3]}
+        out = {}
+        for ch in CHANNELS:
+            per = [_signal(ch, tissue[n]["T1"] * tex_t1[n], tissue[n]["T2"], tissue[n]["PD"] * tex_pd[n])
+                   for n in ("CSF", "GM", "WM")]
+            out[ch] = (sum(fi * s for fi, s in zip(fr, per)), per)
+        return out
 
     labels = _tissue_labels(fractions)
-    inside = fractions.sum(0) > 1e-4
+    inside = (anatomy.sum(0) > 1e-4) | (fractions.sum(0) > 1e-4)
     f = fractions[:, inside]
-    tx = texture[:, inside]
-    tex_t1 = {"CSF": 1.0, "GM": 1.0 + amp * tx[0], "WM": 1.0 + amp * tx[2]}
-    tex_pd = {"CSF": 1.0, "GM": 1.0 + amp * tx[1], "WM": 1.0 + amp * tx[3]}
-    healthy_in = {}
-    tissue_signal = {}
-    for ch in CHANNELS:
-        per = [_signal(ch, tissue[n]["T1"] * tex_t1[n], tissue[n]["T2"], tissue[n]["PD"] * tex_pd[n])
-               for n in ("CSF", "GM", "WM")]
-        tissue_signal[ch] = per
-        healthy_in[ch] = sum(fi * s for fi, s in zip(f, per))
+    tx = textured[:, inside]
+    mixed = signals(f, tx)
+    if tumour is None:
+        healthy_in = {ch: v[0] for ch, v in mixed.items()}
+    else:                               # the undeformed anatomy, zero where it has no tissue
+        own = (anatomy.sum(0) > 1e-4)[inside]
+        healthy_in = {ch: v[0] * own for ch, v in signals(anatomy[:, inside], texture[:, inside]).items()}
+    clean_in = {ch: v[0].copy() for ch, v in mixed.items()}
 
-    lesion, owner, lparams = _lesions(rng, lesions, fractions, resolution)
+    lesion, owner, lparams, lvalues = _lesions(rng, _lesion_kinds(seed, lesion_kind, lesions), fractions,
+                                               resolution)
     in_lesion = lesion[inside] > 0
-    clean_in = {ch: v.copy() for ch, v in healthy_in.items()}
     if in_lesion.any():
         lk = lesion[inside][in_lesion]
         par = lparams[owner[inside][in_lesion]]
@@ -375,11 +506,28 @@ def make_subject(seed: int, *, resolution: float = 2.0, noise: float = 3.0,
         lt1 = par[:, 0] * (1.0 + 1.5 * amp * tx[0][in_lesion])
         lpd = par[:, 2] * (1.0 + 1.5 * amp * tx[1][in_lesion])
         for ch in CHANNELS:
-            s_gm, s_wm = (s[in_lesion] if np.ndim(s) else s for s in tissue_signal[ch][1:])
+            s_gm, s_wm = (s[in_lesion] if np.ndim(s) else s for s in mixed[ch][1][1:])
             s_les = _signal(ch, lt1, par[:, 1], lpd)
             clean_in[ch][in_lesion] += lk * ((gm + wm) * s_les - gm * s_gm - wm * s_wm)
         les_label = (lesion >= 0.5) & ((labels == LABELS["GM"]) | (labels == LABELS["WM"]))
-        labels[les_label] = LABELS["lesion"]
+        labels[les_label] = lvalues[owner[les_label]]
+    if tumour is not None:
+        # the mass replaces every tissue (within the brain), oedema a share of the white matter
+        brain = np.minimum(f.sum(0), 1.0)
+        solid, necrosis = tumour["solid"][inside] * brain, tumour["necrosis"][inside] * brain
+        wm_oedema = f[2] * (1.0 - solid) * tumour["oedema"][inside]
+        params = [_tissue_params(rng, n) for n in ("tumour", "oedema", "necrosis")]
+        for ch in CHANNELS:
+            s_sol, s_oed, s_nec = (_signal(ch, t1 * (1.0 + 1.5 * amp * tx[0]), t2, pd * (1.0 + 1.5 * amp * tx[1]))
+                                   for t1, t2, pd in params)
+            s_wm = mixed[ch][1][2]
+            clean_in[ch] = ((1.0 - solid) * mixed[ch][0] + wm_oedema * (s_oed - s_wm)
+                            + (solid - necrosis) * s_sol + necrosis * s_nec)
+        value = np.zeros(solid.shape, np.uint8)
+        value[wm_oedema >= 0.5] = ANOMALIES["oedema"][0]
+        value[solid >= 0.5] = ANOMALIES["tumour"][0]
+        value[(solid >= 0.5) & (necrosis >= solid / 2)] = ANOMALIES["necrosis"][0]
+        labels[inside] = np.where(value > 0, value, labels[inside])
 
     geometry = grid(resolution)
     bias_in = bias[inside]
@@ -411,16 +559,18 @@ def subject_seed(seed: int, index: int) -> int:
 
 
 def write_phantom(out: Path, *, subjects: int = 4, seed: int = 0, resolution: float = 2.0,
-                  noise: float = 3.0, lesions: int = 3,
+                  noise: float = 3.0, lesions: int = 3, lesion_kind: str = "hyper",
                   progress: Callable[[int, int], None] | None = None) -> list[str]:
     """Write `subjects` simulated subjects to `out` in nnU-Net v2 raw layout; return the case ids.
 
     out/dataset.json, imagesTr/<case>_000{0..3}.nii.gz (acquired), labelsTr/<case>.nii.gz,
     cleanTr/<case>_000{0..3}.nii.gz (no noise), healthyTr/<case>_000{0..3}.nii.gz (no lesions,
-    no noise). Channels 0..3 are T1, T2, PD, FLAIR. Same arguments, same files. Phantom files
+    no noise). Channels 0..3 are T1, T2, PD, FLAIR; labels as `labels_for(lesion_kind)`. Same
+    arguments, same files. Phantom files
     (phantom_NNN...) of an earlier run in these folders that this run does not write are removed.
     """
-    _check(seed=seed, resolution=resolution, noise=noise, lesions=lesions, subjects=subjects)
+    _check(seed=seed, resolution=resolution, noise=noise, lesions=lesions, subjects=subjects,
+           lesion_kind=lesion_kind)
     out = Path(out)
     cases = [f"phantom_{i:03d}" for i in range(int(subjects))]
     folders = {name: out / name for name in ("imagesTr", "labelsTr", "cleanTr", "healthyTr")}
@@ -428,7 +578,8 @@ def write_phantom(out: Path, *, subjects: int = 4, seed: int = 0, resolution: fl
         folder.mkdir(parents=True, exist_ok=True)
     written: set[Path] = set()
     for i, case in enumerate(cases):
-        s = make_subject(subject_seed(seed, i), resolution=resolution, noise=noise, lesions=lesions)
+        s = make_subject(subject_seed(seed, i), resolution=resolution, noise=noise, lesions=lesions,
+                         lesion_kind=lesion_kind)
         for variant, images in (("imagesTr", s.images), ("cleanTr", s.clean),
                                 ("healthyTr", s.healthy)):
             for c, ch in enumerate(CHANNELS):
@@ -445,11 +596,11 @@ def write_phantom(out: Path, *, subjects: int = 4, seed: int = 0, resolution: fl
         "description": "BrainWeb-style simulation on the MNI ICBM152 2009 anatomy "
                        "(DiffusionMICLib.phantom); cleanTr: no noise, healthyTr: no lesions, no noise",
         "channel_names": {str(c): ch for c, ch in enumerate(CHANNELS)},
-        "labels": dict(LABELS),
+        "labels": labels_for(lesion_kind),
         "numTraining": len(cases),
         "file_ending": ".nii.gz",
         "phantom": {"seed": int(seed), "subjects": len(cases), "resolution": float(resolution),
-                    "noise": float(noise), "lesions": int(lesions),
+                    "noise": float(noise), "lesions": int(lesions), "lesion_kind": lesion_kind,
                     "scale": SCALE, "protocols": PROTOCOLS, "tissues": TISSUES},
     }
     tmp = out / f".tmp-{secrets.token_hex(4)}-dataset.json"

@@ -8,8 +8,9 @@ a run takes one input volume per channel, in that order, on one grid. Each chann
 its own: the median of its Otsu foreground maps to 0.5 (as for denoise: robust to lesions and noise).
 
 Training data, healthy only: a case's `healthyTr` images when the data set has them (the
-phantom), else the cases whose label map holds no voxel of the label named "lesion" (a data set
-without such a label is taken as all healthy). Training noise and the initial noise of a run are
+phantom), else the cases whose label map holds no voxel of an abnormal label (the phantom's label
+names: "lesion", "iso-lesion", "hypo-lesion", "tumour", "oedema", "necrosis"; a data set without
+such a label is taken as all healthy). Training noise and the initial noise of a run are
 multi-octave simplex noise (`engine.simplex`) as in AnoDDPM; {"task": {"noise": {"type":
 "gaussian"}}} switches both to Gaussian (card.defaults["noise"]).
 
@@ -35,7 +36,7 @@ trained on, so the thresholds are slightly optimistic; a fixed {"task": {"thresh
 the settings skips the voxel calibration. Both hold for the default strength/ensemble only.
 
 Evaluation (`evaluate`, metrics.detection_metrics): the reference lesion is a binary mask's
-foreground, or label 4 ("lesion" in the phantom's labels) of a label map; without --mask the
+foreground, or the abnormal labels (>= 4) of a phantom label map (values 0-9); without --mask the
 voxels scored are those where the map is defined plus the reference lesions.
 """
 from __future__ import annotations
@@ -57,13 +58,13 @@ from ..engine.space import ModelSpace, foreground, robust_scale, to_unit
 from ..errors import DiffusionMICError
 from ..metrics import detection_metrics
 from ..models import ModelCard
+from ..phantom import ANOMALIES
 from ..progress import Progress
 from ..volume import Volume
 from .base import RunOptions, RunResult, Task
 
 NORMALISATION = {"method": "percentile", "percentile": 50, "value": 0.5}
-LESION = "lesion"
-PHANTOM_LESION = 4     # the phantom's (and DESIGN.md's) label value of "lesion"
+PHANTOM_LESION = 4     # the phantom's (and DESIGN.md's) label value of "lesion"; abnormal tissue >= 4
 
 # reconstruct(x, crop) -> the reconstructions (draws) of x, (C, z, y, x) normalised, each (C, z, y, x)
 Reconstruct = Callable[[np.ndarray, tuple[slice, ...]], Iterable[np.ndarray]]
@@ -86,14 +87,14 @@ def top_mean(values: np.ndarray, fraction: float) -> float:
 
 
 def lesion_reference(ref: Volume) -> np.ndarray:
-    """The reference lesion mask: a binary map as it is; a label map: its "lesion" label (value 4)."""
+    """The reference lesion mask: a binary map as it is; a phantom label map: its abnormal labels (>= 4)."""
     values = set(np.unique(ref.array).tolist())
     if values <= {0, 1}:
         return ref.array > 0
-    if values <= set(range(PHANTOM_LESION + 1)):
-        return ref.array == PHANTOM_LESION
+    if values <= set(range(max(v for v, _ in ANOMALIES.values()) + 1)):
+        return ref.array >= PHANTOM_LESION
     raise DiffusionMICError(f"the reference holds labels {sorted(values)[:8]}: give a binary lesion mask "
-                            f"(or a label map whose lesion label is {PHANTOM_LESION})")
+                            f"(or a phantom label map, abnormal labels {PHANTOM_LESION} and above)")
 
 
 class Anomaly(Task):
@@ -131,19 +132,20 @@ class Anomaly(Task):
 
     # ---- training ---------------------------------------------------------------------------
     @staticmethod
-    def _lesion_value(dataset: Dataset) -> int | None:
-        return dataset.labels.get(LESION)
+    def _lesion_values(dataset: Dataset) -> list[int] | None:
+        """The data set's abnormal label values (named as the phantom names them), or None."""
+        return [v for name, v in dataset.labels.items() if name in ANOMALIES] or None
 
-    def _healthy_source(self, case: Case, channels: list[str], lesion: int | None) -> str | None:
+    def _healthy_source(self, case: Case, channels: list[str], lesion: list[int] | None) -> str | None:
         """'healthyTr' or 'imagesTr' if this case gives healthy images of all channels, else None."""
         if all(ch in case.variants.get("healthyTr", {}) for ch in channels):
             return "healthyTr"
         if lesion is None or case.label is None:
             return "imagesTr" if lesion is None else None
-        return None if np.any(case.read_label().array == lesion) else "imagesTr"
+        return None if np.any(np.isin(case.read_label().array, lesion)) else "imagesTr"
 
     def training_cases(self, card: ModelCard, dataset: Dataset, cases: list[Case]) -> list[TrainingCase]:
-        lesion = self._lesion_value(dataset)
+        lesion = self._lesion_values(dataset)
         out = []
         for case in cases:
             source = self._healthy_source(case, card.inputs, lesion)
@@ -228,7 +230,7 @@ class Anomaly(Task):
     # ---- thresholds after training ----------------------------------------------------------
     def calibrate(self, card: ModelCard, network: torch.nn.Module, dataset: Dataset, cases: list,
                   device: torch.device, progress: Progress) -> None:
-        lesion = self._lesion_value(dataset)
+        lesion = self._lesion_values(dataset)
         network.eval()
         options = RunOptions(seed=12345).with_card_defaults(card)
         d = card.defaults
@@ -240,7 +242,7 @@ class Anomaly(Task):
             lesions = None
             if lesion is not None and case.label is not None:
                 ref = case.read_label()
-                lesions = ref.with_array((ref.array == lesion).astype(np.float32))
+                lesions = ref.with_array(np.isin(ref.array, lesion).astype(np.float32))
             space = ModelSpace.enter(volumes + ([lesions] if lesions is not None else []),
                                      card.orientation, card.spacing)
             images = ModelSpace(space.arrays[: len(volumes)], space.reference, space.model_grid)
@@ -270,7 +272,7 @@ class Anomaly(Task):
     def evaluate_many(self, preds: list[Volume], refs: list[Volume], masks: list[Volume] | None) -> dict[str, Any]:
         """Voxel AUROC/AUPRC/best Dice pooled over the volumes, and volume-level AUROC of the scores.
 
-        The reference lesion is a binary map's foreground or a label map's lesion label (4).
+        The reference lesion is a binary map's foreground or a phantom label map's abnormal labels (>= 4).
         Without a mask, a volume's voxels are those where the map is defined (> 0) plus its lesions.
         """
         if len(preds) != len(refs):

@@ -185,3 +185,13 @@ def test_detection_metrics_against_known_answers():
     assert given["volume_error"] == pytest.approx(0.5) and given["volume_threshold_chosen"] == "given"
     with pytest.raises(DiffusionMICError, match="as many"):
         detection_metrics(maps, refs[:2])
+
+
+def test_reference_lesions_of_every_phantom_kind():
+    from DiffusionMICLib.tasks.anomaly import lesion_reference
+    geometry = Geometry((1, 1, 4), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    tumour = Volume(np.array([[[0, 3, 7, 9]]], np.uint8).reshape(4, 1, 1), geometry)
+    assert lesion_reference(tumour).ravel().tolist() == [False, False, True, True]
+    assert lesion_reference(tumour.with_array(np.array([0, 1, 0, 1], np.uint8).reshape(4, 1, 1))).sum() == 2
+    with pytest.raises(DiffusionMICError, match="labels"):
+        lesion_reference(tumour.with_array(np.array([0, 3, 12, 4], np.uint8).reshape(4, 1, 1)))

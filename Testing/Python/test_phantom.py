@@ -195,11 +195,11 @@ def test_templates_load_without_network(monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs", [dict(seed=-1), dict(seed=0, resolution=0), dict(seed=0, noise=-1),
-                                    dict(seed=0, lesions=-2), dict(seed=0, lesions=1.5)])
+                                    dict(seed=0, lesions=-2), dict(seed=0, lesions=1.5),
+                                    dict(seed=0, lesion_kind="bright")])
 def test_bad_arguments(kwargs):
     with pytest.raises(DiffusionMICError):
         P.make_subject(**kwargs)
-
 
 
 def test_bad_arguments_write_nothing(tmp_path):
@@ -208,3 +208,104 @@ def test_bad_arguments_write_nothing(tmp_path):
     with pytest.raises(DiffusionMICError, match="resolution"):
         P.write_phantom(tmp_path / "out", resolution=-2)
     assert not (tmp_path / "out").exists()
+
+
+# ---- lesion kinds ----------------------------------------------------------------------------------
+KIND_SEED = 5          # its tumour has a necrotic core
+
+
+@pytest.fixture(scope="module")
+def kinds():
+    return {kind: P.make_subject(KIND_SEED, noise=0.0, lesions=3, lesion_kind=kind) for kind in P.LESION_KINDS}
+
+
+def _median(subject, ch, mask):
+    return float(np.median(subject.clean[ch].array[mask]))
+
+
+def test_lesion_kinds_share_places_and_label_where_the_contrast_changed(kinds):
+    places = {kind: kinds[kind].labels.array >= 4 for kind in ("hyper", "iso", "hypo", "mixed")}
+    assert places["hyper"].sum() > 50
+    assert all(np.array_equal(places["hyper"], m) for m in places.values())
+    for kind, s in kinds.items():
+        lab = s.labels.array
+        assert set(np.unique(lab[lab >= 4])) <= set(P.labels_for(kind).values()), kind
+        changed = np.zeros(lab.shape, bool)
+        for ch in P.CHANNELS:
+            changed |= np.abs(s.clean[ch].array - s.healthy[ch].array) > 1e-3
+        grown = ndimage.binary_dilation(lab >= 4, iterations=2)
+        # labelled voxels changed; unlabelled changes are partial-volume edges (or mass effect)
+        assert changed[lab >= 4].mean() > 0.99, kind
+        if kind != "tumour":
+            assert not changed[~grown].any(), kind
+    assert set(np.unique(kinds["mixed"].labels.array)) - {0, 1, 2, 3} >= {4, 6}
+    assert set(np.unique(kinds["tumour"].labels.array)) == {0, 1, 2, 3, 7, 8, 9}
+
+
+def test_lesion_kind_contrasts(kinds):
+    tissue = {name: kinds["hyper"].labels.array == v for name, v in P.LABELS.items() if 1 <= v <= 3}
+    med = {ch: {name: _median(kinds["hyper"], ch, m) for name, m in tissue.items()} for ch in P.CHANNELS}
+    hyper = kinds["hyper"].labels.array == 4
+    assert _median(kinds["hyper"], "FLAIR", hyper) > 1.5 * max(med["FLAIR"].values())
+    iso = kinds["iso"].labels.array == 5
+    for ch in P.CHANNELS:               # nearer grey matter than white matter in every contrast
+        les = _median(kinds["iso"], ch, iso)
+        assert abs(les - med[ch]["GM"]) < abs(les - med[ch]["WM"]) or ch == "FLAIR", ch
+        assert abs(les - med[ch]["GM"]) < 0.15 * med[ch]["GM"], ch
+    hypo = kinds["hypo"].labels.array == 6
+    assert _median(kinds["hypo"], "T1", hypo) < med["T1"]["GM"]
+    assert _median(kinds["hypo"], "FLAIR", hypo) < med["FLAIR"]["WM"]
+    assert med["T2"]["WM"] < _median(kinds["hypo"], "T2", hypo) < med["T2"]["CSF"]
+    t = kinds["tumour"]
+    lab = t.labels.array
+    assert _median(t, "FLAIR", lab == 8) > 1.2 * med["FLAIR"]["WM"]           # oedema: FLAIR-bright
+    assert _median(t, "FLAIR", lab == 9) < med["FLAIR"]["WM"]                 # necrosis: dark on FLAIR,
+    assert _median(t, "T2", lab == 9) > 2 * med["T2"]["WM"]                   # bright on T2
+
+
+def test_tumour_mass_effect_moves_tissue_nearby_only(kinds):
+    t = kinds["tumour"]
+    h = P.make_subject(KIND_SEED, noise=0.0, lesions=0)
+    for ch in P.CHANNELS:               # `healthy` is the undeformed subject
+        assert np.array_equal(t.healthy[ch].array, h.clean[ch].array)
+    lab, before = t.labels.array, h.labels.array
+    distance = ndimage.distance_transform_edt(lab < 7) * 2.0                   # mm from the tumour
+    moved = (lab != before) & (lab < 4) & (before > 0)
+    near, far = (distance > 0) & (distance <= 10) & (before > 0), distance > 95   # 4 widths at most 92 mm
+    assert moved[near].mean() > 0.05
+    assert not moved[far].any()
+    assert np.array_equal(t.clean["T1"].array[far], h.clean["T1"].array[far])
+
+
+def test_push_moves_values_outwards_without_folding():
+    axes = P._axes_mm(2.0)
+    centre = np.array([axes[0][44], axes[1][52], axes[2][48]])
+    rel = np.meshgrid(axes[2] - centre[2], axes[1] - centre[1], axes[0] - centre[0], indexing="ij")
+    distance = np.sqrt(sum(r**2 for r in rel)).astype(np.float32)
+    pushed = P._push(distance[None], centre, 7.0, 18.0, 2.0)[0]
+    assert (pushed <= distance + 1e-3).all()                # each value came from nearer the centre
+    assert (distance - pushed).max() > 5.0                  # by up to about the amplitude
+    ray = pushed[48, 52, 44:]                               # along +x from the centre
+    assert (np.diff(ray) >= 0).all()                        # monotone: nothing folds (the core, where
+    assert (np.diff(ray[ray > 0]) > 0).all()                # the mass sits, all comes from the centre)
+    assert np.array_equal(pushed[:, :, :5], distance[:, :, :5])
+
+
+def test_lesion_kinds_are_deterministic_and_written_with_their_labels(kinds, tmp_path):
+    for kind in ("mixed", "tumour"):
+        again = P.make_subject(KIND_SEED, noise=0.0, lesions=3, lesion_kind=kind)
+        assert np.array_equal(again.labels.array, kinds[kind].labels.array)
+        assert np.array_equal(again.clean["FLAIR"].array, kinds[kind].clean["FLAIR"].array)
+    P.write_phantom(tmp_path, subjects=1, seed=3, lesion_kind="tumour")
+    meta = json.loads((tmp_path / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "CSF": 1, "GM": 2, "WM": 3, "tumour": 7, "oedema": 8,
+                              "necrosis": 9}
+    assert meta["phantom"]["lesion_kind"] == "tumour"
+    assert P.labels_for("hyper") == P.LABELS
+
+
+def test_cli_lesion_kinds_are_the_phantoms():
+    from DiffusionMICLib.cli import build_parser
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    action = next(a for a in sub.choices["phantom"]._actions if a.dest == "lesion_kind")
+    assert tuple(action.choices) == tuple(P.LESION_KINDS)
