@@ -347,3 +347,32 @@ def bright_tail_fractions(groups: dict[str, list[Volume | np.ndarray]], healthy:
         fractions = [float(np.mean(values(v) > threshold)) for v in volumes]
         out[name] = float(np.mean(fractions)) if fractions else None
     return out
+
+
+def calibration_error(probabilities: np.ndarray, ref: np.ndarray, values: list[int],
+                      mask: np.ndarray | None = None, bins: int = 20) -> float:
+    """Expected calibration error of class probabilities (C, ...) against a label map (...) whose
+    label of channel c is values[c]: MONAI's CalibrationErrorMetric (Guo et al. 2017; equal-width
+    bins, one-vs-rest per class), averaged over the classes but the first (background), over the
+    `mask` voxels (default: all)."""
+    from monai.metrics import CalibrationErrorMetric
+    if probabilities.shape[0] != len(values) or probabilities.shape[1:] != ref.shape:
+        raise DiffusionMICError(f"calibration needs (C, ...) probabilities for {len(values)} labels on the "
+                                f"reference's grid, got {probabilities.shape} and {ref.shape}")
+    inside = np.ones(ref.shape, bool) if mask is None else mask.astype(bool)
+    p = torch.from_numpy(np.ascontiguousarray(probabilities[:, inside], np.float32))[None, :, :, None]
+    y = torch.from_numpy(np.stack([ref[inside] == v for v in values]).astype(np.float32))[None, :, :, None]
+    metric = CalibrationErrorMetric(num_bins=bins, include_background=False, calibration_reduction="expected",
+                                    metric_reduction="mean")
+    metric(y_pred=p, y=y)
+    return float(metric.aggregate())
+
+
+def uncertainty_error_agreement(uncertainty: Volume, pred: Volume, ref: Volume,
+                                mask: Volume | None = None) -> dict[str, float | None]:
+    """How well an uncertainty map marks a segmentation's errors (pred != ref): the uncertainty as a
+    detector of the error voxels inside `mask` (detection_metrics): AUROC, AUPRC and the Dice of the
+    uncertain region (uncertainty >= t) with the error region at the best t (optimistic)."""
+    errors = ref.with_array((pred.array != ref.array).astype(np.uint8))
+    m = detection_metrics(uncertainty, errors, mask)
+    return {"auroc": m["voxel_auroc"], "auprc": m["voxel_auprc"], "dice": m["best_dice"]}

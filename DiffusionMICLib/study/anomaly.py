@@ -1,7 +1,8 @@
 """Anomaly-detection study (the survey's Table 13): AnoDDPM-style diffusion with simplex and with
 Gaussian noise against autoencoder and VAE reconstruction of healthy anatomy, the FLAIR intensity
-itself as the anomaly map (the floor), and a supervised ResNet lesion classifier for the
-volume-level view, on held-out phantom subjects with and without lesions."""
+itself as the anomaly map (the floors: raw, negated, |z-score|), and a supervised ResNet lesion
+classifier for the volume-level view, on held-out phantom subjects with and without lesions; one
+table per lesion kind of the phantom (hyper, iso, hypo, tumour: `phantom.LESION_KINDS`)."""
 from __future__ import annotations
 
 import time
@@ -23,7 +24,7 @@ from ..metrics import detection_metrics
 from ..models import ModelCard, read_card, resolve_model
 from ..progress import Progress
 from ..tasks import get_task
-from ..tasks.anomaly import Reconstruct, brain_mask, lesion_reference
+from ..tasks.anomaly import PHANTOM_LESION, Reconstruct, brain_mask, lesion_reference
 from ..volume import Volume
 from .core import PHANTOM_TEST_SEED, Context, Evaluation, Method, budget_recipe, bundled_note
 from .learners import SupervisedTrainer, fit_supervised, load_baseline
@@ -36,14 +37,19 @@ QUICK_DEPTH = 8                       # quick studies: this many axial slices pe
 TOP_SLICES = 3                        # the ResNet's volume score: mean of its top-3 slice probabilities
 HEALTHY_TEST_SEED = PHANTOM_TEST_SEED + 1          # held-out healthy subjects (--lesions 0)
 VALIDATION_SEEDS = (9101, 9102)                    # validation subjects: with lesions, healthy
+KINDS = ("hyper", "iso", "hypo", "tumour")         # phantom: one held-out benchmark (table) per lesion kind
 COLUMNS = [("voxel_auroc", "AUROC (voxel)", "higher"), ("voxel_auprc", "AUPRC", "higher"),
            ("best_dice", "best Dice", "higher"), ("val_dice", "Dice @ val. threshold", "higher"),
            ("volume_auroc", "AUROC (volume)", "higher"), ("top1_error", "Top-1 error (volume)", "lower")]
 NOTES = [
-    "Test set: the held-out phantom subjects with lesions (seed 9001) and as many healthy held-out "
-    f"subjects (seed {HEALTHY_TEST_SEED}, --lesions 0), same noise. Voxel metrics are pooled over all of "
-    "them inside each subject's brain (Otsu foreground of FLAIR, holes filled, plus the lesions): a map "
-    "that lights up healthy brains pays for it. Best Dice is the best over all thresholds (optimistic).",
+    "Test set, one table per lesion kind (`diffusion-mic phantom --lesion-kind`): the held-out phantom "
+    "subjects with lesions of that kind (seed 9001; hyper, iso and hypo lesions lie in the same places, "
+    "tumour subjects hold one mass with oedema, necrosis and mass effect) and the same healthy held-out "
+    f"subjects in every table (seed {HEALTHY_TEST_SEED}, --lesions 0), same noise. Every label from 4 up is "
+    "abnormal. Voxel metrics are pooled over all of them inside each subject's brain (Otsu foreground of "
+    "FLAIR, holes filled, plus the lesions): a map that lights up healthy brains pays for it. Best Dice is "
+    "the best over all thresholds (optimistic). Every model trains on healthy (or, ResNet, hyper-lesion) "
+    "data only: the other kinds are new to all of them.",
     f"Validation: separate phantom subjects (seeds {VALIDATION_SEEDS[0]} with lesions and "
     f"{VALIDATION_SEEDS[1]} healthy, half as many as the test subjects, at least one each) that no method "
     "trains on. The voxel threshold (best Dice there) gives 'Dice @ val. threshold' on the test set; the "
@@ -57,7 +63,9 @@ NOTES = [
     "(foreground median -> 0.5), Gaussian-smoothed (2 mm), zero outside the brain eroded by 2 mm. "
     "AE/VAE: MONAI AutoEncoder / VarAutoEncoder (KL weight 1e-3) trained on the training subjects' "
     "healthy FLAIR (healthyTr) 64 x 64 crops like the diffusion models, run by 64 x 64 sliding windows. "
-    "FLAIR floor: the reconstruction is the background value, so the map is the smoothed FLAIR intensity.",
+    "FLAIR floors, through the same smoothing and masking: raw (the reconstruction is the background value, "
+    "so the map is the smoothed intensity), negated (the volume's maximum minus the intensity: dark lesions) "
+    "and |z-score| (the distance from the brain's median intensity: bright or dark).",
     "ResNet: MONAI ResNet-10 (2D) trained to tell 64 x 64 crops of the training subjects' acquired FLAIR "
     "that hold a lesion voxel from those that do not (half the crops centred on lesions, binary "
     "cross-entropy, left-right flips); a slice's probability is the largest of its 64 x 64 tiles' "
@@ -94,45 +102,65 @@ def _card(ctx: Context) -> ModelCard:
 
 # ---- the cases (the same for every method) --------------------------------------------------------
 
-def _phantom(ctx: Context, part: str, seed: int, n: int, lesions: int) -> list[Case]:
+def _phantom(ctx: Context, part: str, seed: int, n: int, lesions: int, kind: str = "hyper") -> list[Case]:
     """Extra phantom subjects beside the runner's (same resolution and noise), written once."""
     from ..phantom import write_phantom
     src = ctx.data.source
     where = ctx.out.parent / "data" / f"phantom-{part}-seed{seed}-n{n}"
     if not (where / "dataset.json").is_file():
         write_phantom(where, subjects=n, seed=seed, resolution=src["resolution_mm"], noise=src["noise_percent"],
-                      lesions=lesions)
-    src[part] = {"seed": seed, "subjects": n, "lesions": lesions}
+                      lesions=lesions, lesion_kind=kind)
+    src[part] = {"seed": seed, "subjects": n, "lesions": lesions, "lesion_kind": kind}
     return read_dataset(where).cases
 
 
-def _item(ctx: Context, case: Case) -> dict[str, Any]:
+def _item(ctx: Context, case: Case, part: str) -> dict[str, Any]:
     """FLAIR, lesion reference, scored voxels and preview slice of one case (quick: a slab)."""
     flair, label = case.read("FLAIR"), case.read_label()
     value = ctx.data.train.labels.get("lesion")
-    lesion = label.array == value if value is not None else lesion_reference(label)
+    if ctx.data.source.get("kind") == "phantom":
+        lesion = label.array >= PHANTOM_LESION                  # every lesion kind, tumour parts included
+    else:
+        lesion = label.array == value if value is not None else lesion_reference(label)
     brain = brain_mask(flair.array[None].astype(np.float32)) | lesion
     z = largest_slice(lesion if lesion.any() else brain)
     volumes = [flair, label.with_array(lesion.astype(np.uint8)), label.with_array(brain.astype(np.uint8))]
     if ctx.quick:
         volumes, z = cut_slab(volumes, z, QUICK_DEPTH)
-    return {"id": case.id, "flair": volumes[0], "lesion": volumes[1], "mask": volumes[2], "z": z,
-            "anomalous": bool(volumes[1].array.any())}
+    return {"id": case.id, "key": f"{part}/{case.id}", "test": part.startswith("test"), "flair": volumes[0],
+            "lesion": volumes[1], "mask": volumes[2], "z": z, "anomalous": bool(volumes[1].array.any())}
 
 
-def cases(ctx: Context) -> dict[str, list[dict[str, Any]]]:
-    """{"test": lesioned + healthy held-out cases, "validation": lesioned + healthy validation cases}."""
+def benchmark_name(ctx: Context, kind: str) -> str:
+    return f"{ctx.data.name}, {kind}" + (" lesions" if kind != "tumour" else "")
+
+
+def cases(ctx: Context) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Per benchmark (table name): {"test": lesioned + healthy held-out cases, "validation": lesioned +
+    healthy validation cases}. The healthy cases are the same items in every benchmark."""
     if "cases" in ctx.cache:
         return ctx.cache["cases"]
     n_test, n_val = ctx.budget.test_subjects, max(1, ctx.budget.test_subjects // 2)
+    benches = {}
     if ctx.data.source.get("kind") == "phantom":
-        test = ctx.data.test + _phantom(ctx, "test-healthy", HEALTHY_TEST_SEED, n_test, 0)
-        validation = (_phantom(ctx, "validation", VALIDATION_SEEDS[0], n_val, 3)
-                      + _phantom(ctx, "validation-healthy", VALIDATION_SEEDS[1], n_val, 0))
+        healthy = {"test": [_item(ctx, c, "test-healthy")
+                            for c in _phantom(ctx, "test-healthy", HEALTHY_TEST_SEED, n_test, 0)],
+                   "validation": [_item(ctx, c, "validation-healthy")
+                                  for c in _phantom(ctx, "validation-healthy", VALIDATION_SEEDS[1], n_val, 0)]}
+        for kind in KINDS:
+            tag = "" if kind == "hyper" else f"-{kind}"
+            test = ctx.data.test if kind == "hyper" else _phantom(ctx, f"test{tag}", PHANTOM_TEST_SEED, n_test, 3,
+                                                                   kind)
+            validation = _phantom(ctx, f"validation{tag}", VALIDATION_SEEDS[0], n_val, 3, kind)
+            benches[benchmark_name(ctx, kind)] = {
+                "test": [_item(ctx, c, f"test{tag}") for c in test] + healthy["test"],
+                "validation": [_item(ctx, c, f"validation{tag}") for c in validation] + healthy["validation"]}
     else:
-        test, validation = ctx.data.test, [c for c in ctx.data.train_cases if c.label is not None]
-    ctx.cache["cases"] = {"test": [_item(ctx, c) for c in test], "validation": [_item(ctx, c) for c in validation]}
-    return ctx.cache["cases"]
+        benches[ctx.data.name] = {"test": [_item(ctx, c, "test") for c in ctx.data.test],
+                                  "validation": [_item(ctx, c, "validation") for c in ctx.data.train_cases
+                                                 if c.label is not None]}
+    ctx.cache["cases"] = benches
+    return benches
 
 
 # ---- evaluation --------------------------------------------------------------------------------------
@@ -166,20 +194,31 @@ def volume_auroc(scores: list[float], truth: list[bool]) -> float | None:
 
 
 def _evaluate(ctx: Context, detect: Detector) -> Evaluation:
-    sets = cases(ctx)
-    out: dict[str, list[tuple[Volume | None, float]]] = {}
+    """Detect once on every case of every benchmark, then score each benchmark (one table each)."""
+    benches = cases(ctx)
+    unique = {item["key"]: item for bench in benches.values() for items in bench.values() for item in items}
+    results: dict[str, tuple[Volume | None, float]] = {}
     seconds = []
-    ctx.progress.start("evaluate", sum(len(v) for v in sets.values()))
-    for part, items in sets.items():
-        out[part] = []
-        for item in items:
-            t0 = time.perf_counter()
-            out[part].append(detect(item["flair"]))
-            if part == "test":
-                seconds.append(time.perf_counter() - t0)
-            ctx.progress.advance()
+    ctx.progress.start("evaluate", len(unique))
+    for key, item in unique.items():
+        t0 = time.perf_counter()
+        results[key] = detect(item["flair"])
+        if item["test"]:
+            seconds.append(time.perf_counter() - t0)
+        ctx.progress.advance()
     ctx.progress.close()
-    test, val = sets["test"], sets["validation"]
+    tables, thresholds, previews = {}, {}, {}
+    for name, bench in benches.items():
+        tables[name], thresholds[name], shown = _score(bench, results)
+        previews = previews or shown
+    scores = {k: results[k][1] for k, i in unique.items() if i["test"]}     # "test-healthy/phantom_000": ...
+    return Evaluation(tables, float(np.median(seconds)), previews, {"scores": scores, "thresholds": thresholds})
+
+
+def _score(bench: dict[str, list[dict[str, Any]]], results: dict[str, tuple[Volume | None, float]]):
+    """One benchmark's row, its thresholds and (for the figure) previews of its first lesioned case."""
+    test, val = bench["test"], bench["validation"]
+    out = {part: [results[i["key"]] for i in bench[part]] for part in ("test", "validation")}
     truth = [i["anomalous"] for i in test]
     scores = [s for _, s in out["test"]]
     val_truth = [i["anomalous"] for i in val]
@@ -188,8 +227,7 @@ def _evaluate(ctx: Context, detect: Detector) -> Evaluation:
     row["volume_auroc"] = volume_auroc(scores, truth)
     if cut is not None:
         row["top1_error"] = float(np.mean((np.asarray(scores) > cut) != np.asarray(truth)))
-    extra: dict[str, Any] = {"scores": {i["id"] + ("" if i["anomalous"] else " (healthy)"): s
-                                        for i, s in zip(test, scores)}, "volume_threshold": cut}
+    thresholds: dict[str, float | None] = {"volume": cut}
     previews: dict[str, np.ndarray] = {}
     maps = [m for m, _ in out["test"]]
     if all(m is not None for m in maps):
@@ -199,7 +237,7 @@ def _evaluate(ctx: Context, detect: Detector) -> Evaluation:
         threshold = detection_metrics([m for m, _ in lesioned], [i["lesion"] for _, i in lesioned],
                                       [i["mask"] for _, i in lesioned])["best_dice_threshold"] if lesioned else None
         row["val_dice"] = dice_at(maps, test, threshold) if threshold is not None else None
-        extra["voxel_threshold"] = threshold
+        thresholds["voxel"] = threshold
         first = next((k for k, i in enumerate(test) if i["anomalous"]), 0)
         healthy = next((k for k, i in enumerate(test) if not i["anomalous"]), None)
         z = test[first]["z"]
@@ -209,12 +247,12 @@ def _evaluate(ctx: Context, detect: Detector) -> Evaluation:
                                   ).astype(np.float32)
         if healthy is not None:
             previews["healthy map"] = maps[healthy].array[test[healthy]["z"]]
-    return Evaluation({ctx.data.name: row}, float(np.median(seconds)), previews, extra)
+    return row, thresholds, previews
 
 
 def write_reference(ctx: Context) -> None:
     """The figure's first row: a lesioned and a healthy test FLAIR, and the reference lesions."""
-    test = cases(ctx)["test"]
+    test = next(iter(cases(ctx).values()))["test"]
     first = next((i for i in test if i["anomalous"]), test[0])
     refs = {"FLAIR": first["flair"].array[first["z"]], "lesion": first["lesion"].array[first["z"]].astype(np.float32)}
     healthy = next((i for i in test if not i["anomalous"]), None)
@@ -321,8 +359,21 @@ def _eval_reconstruction(ctx: Context, folder: Path) -> Evaluation:
     return _evaluate(ctx, _map_detector(card, network_reconstruction(net, card.patch, ctx.device)))
 
 
-def _eval_flair(ctx: Context, folder: Path) -> Evaluation:
-    return _evaluate(ctx, _map_detector(_card(ctx), lambda x, crop: [np.full_like(x, -1.0)]))
+def _floor(variant: str) -> Reconstruct:
+    """A constant "reconstruction" that turns |input - reconstruction| into an intensity floor: raw
+    (the normalised background, -1), negated (the volume's maximum) or |z-score| (the brain's median;
+    one scale per volume, so it ranks voxels as |z| does)."""
+    def reconstruct(x: np.ndarray, crop: tuple[slice, ...]) -> list[np.ndarray]:
+        value = {"raw": lambda: -1.0, "negated": lambda: float(x.max()),
+                 "zscore": lambda: float(np.median(x[brain_mask(x + 1.0)[None].repeat(len(x), 0)]))}[variant]()
+        return [np.full_like(x, value)]
+    return reconstruct
+
+
+def _eval_floor(variant: str):
+    def evaluate(ctx: Context, folder: Path) -> Evaluation:
+        return _evaluate(ctx, _map_detector(_card(ctx), _floor(variant)))
+    return evaluate
 
 
 # ---- the supervised slice classifier (volume level) ------------------------------------------------
@@ -406,5 +457,7 @@ def methods(quick: bool) -> list[Method]:
                _fit_reconstruction("var-autoencoder", quick)),
         Method("resnet", "Supervised ResNet-10 (MONAI ResNet), slices scored by 64 x 64 tiles", "learned", _eval_resnet,
                _fit_resnet(quick), note="volume level only"),
-        Method("flair", "FLAIR intensity as the map", "floor", _eval_flair),
+        Method("flair", "FLAIR intensity as the map", "floor", _eval_floor("raw")),
+        Method("flair-negated", "FLAIR intensity negated", "floor", _eval_floor("negated")),
+        Method("flair-zscore", "FLAIR |z-score| in the brain", "floor", _eval_floor("zscore")),
     ]

@@ -17,10 +17,10 @@ from .. import api
 from ..datasets import Case
 from ..engine.pipeline import train
 from ..errors import DiffusionMICError
-from ..metrics import segmentation_metrics
+from ..metrics import calibration_error, segmentation_metrics, uncertainty_error_agreement
 from ..models import ModelCard, read_card, resolve_model
 from ..progress import Progress
-from ..tasks import RunOptions, get_task
+from ..tasks import RunOptions, RunResult, get_task
 from ..volume import Volume
 from .core import Context, Evaluation, Method, budget_recipe, bundled_note, write_json
 from .learners import AsX0, fit_supervised, load_baseline, one_step_card
@@ -32,7 +32,9 @@ BUNDLED = "brain-mri-lesion-segment"
 QUICK_DEPTH = 6                               # quick studies: this many axial slices around the largest lesion
 COLUMNS = [("mean_dice", "Dice (mean)", "higher"), *[(f"dice_{n}", f"Dice {n}", "higher") for n in LABELS],
            ("mean_hd95_mm", "HD95 mm (mean)", "lower"), *[(f"hd95_{n}", f"HD95 {n}", "lower") for n in LABELS],
-           ("mean_iou", "IoU (mean)", "higher"), *[(f"iou_{n}", f"IoU {n}", "higher") for n in LABELS]]
+           ("mean_iou", "IoU (mean)", "higher"), *[(f"iou_{n}", f"IoU {n}", "higher") for n in LABELS],
+           ("ece", "ECE", "lower"), ("uncertainty_auroc", "AUROC uncertainty→errors", "higher"),
+           ("uncertainty_dice", "Dice uncertain∩errors", "higher")]
 NOTES = [
     "Each test subject is segmented from its acquired T1, T2, PD and FLAIR (noise, bias field, lesions); "
     "the metrics are MONAI's Dice, IoU and 95 % Hausdorff distance (mm, on the volume's spacing) per label "
@@ -56,6 +58,13 @@ NOTES = [
     "vector (over the training subjects' voxels) is nearest.",
     "Diffusion, ensemble 5: the ensemble-1 model with 5 draws averaged (no training of its own; its "
     "budget is that model's).",
+    "Calibration and uncertainty, over the voxels that the reference or the prediction labels (the head): "
+    "ECE = MONAI's expected calibration error of each method's class probabilities (20 bins, one-vs-rest "
+    "per label, background left out, averaged over the labels); the probabilities are the task's: the "
+    "averaged draws' class scores for diffusion, softmax for the networks, one-hot for the floor. The "
+    "uncertainty map (the entropy of those probabilities) is scored as a detector of the error voxels "
+    "(prediction != reference): its AUROC, and the Dice of the uncertain region with the error region at "
+    "the best entropy threshold (optimistic, as the anomaly study's best Dice).",
 ]
 
 # The recipe of the bundled brain-mri-lesion-segment (Resources/Models/brain-mri-lesion-segment/train.json)
@@ -145,7 +154,19 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def _evaluate(ctx: Context, segment: Callable[[list[Volume]], Volume]) -> Evaluation:
+def calibration_row(result: RunResult, ref: Volume) -> dict[str, float | None]:
+    """ECE of the run's class probabilities and how its uncertainty marks its errors, over the head
+    (voxels either map labels)."""
+    pred = result.outputs["output"]
+    head = (ref.array > 0) | (pred.array > 0)
+    values = list(result.info["labels"].values())
+    agreement = uncertainty_error_agreement(result.outputs["uncertainty"], pred, ref,
+                                            ref.with_array(head.astype(np.uint8)))
+    return {"ece": calibration_error(result.arrays["probabilities"], ref.array, values, head),
+            "uncertainty_auroc": agreement["auroc"], "uncertainty_dice": agreement["dice"]}
+
+
+def _evaluate(ctx: Context, segment: Callable[[list[Volume]], RunResult]) -> Evaluation:
     """Segment every test case; the table is the mean over cases (nulls skipped)."""
     cases = held_out(ctx)
     labels = _labels(ctx)
@@ -153,9 +174,11 @@ def _evaluate(ctx: Context, segment: Callable[[list[Volume]], Volume]) -> Evalua
     ctx.progress.start("evaluate", len(cases))
     for item in cases:
         t0 = time.perf_counter()
-        pred = segment(item["inputs"])
+        result = segment(item["inputs"])
         seconds.append(time.perf_counter() - t0)
-        rows.append({"case": item["id"], **_flatten(segmentation_metrics(pred, item["labels"], labels))})
+        pred = result.outputs["output"]
+        rows.append({"case": item["id"], **_flatten(segmentation_metrics(pred, item["labels"], labels)),
+                     **calibration_row(result, item["labels"])})
         if not previews:
             z, ref = item["z"], item["labels"].array
             previews = {"labels": pred.array[z].astype(np.float32),
@@ -186,8 +209,8 @@ def _fit_diffusion(ctx: Context, folder: Path) -> dict[str, Any]:
     return {"steps": t["steps"], "batch_size": t["config"]["batch_size"], "wall_time_s": t["wall_time_s"]}
 
 
-def _model_segmenter(ctx: Context, model: str | Path, **options: Any) -> Callable[[list[Volume]], Volume]:
-    return lambda inputs: api.segment(inputs, model, device=str(ctx.device), **options).outputs["output"]
+def _model_segmenter(ctx: Context, model: str | Path, **options: Any) -> Callable[[list[Volume]], RunResult]:
+    return lambda inputs: api.segment(inputs, model, device=str(ctx.device), **options)
 
 
 def _eval_diffusion(ctx: Context, folder: Path) -> Evaluation:
@@ -293,17 +316,17 @@ def _baseline_fit(kind: str, quick: bool):
     return fit
 
 
-def _pipeline_segmenter(ctx: Context, network: torch.nn.Module, factor_: int) -> Callable[[list[Volume]], Volume]:
+def _pipeline_segmenter(ctx: Context, network: torch.nn.Module, factor_: int) -> Callable[[list[Volume]], RunResult]:
     """A network of class scores (logits, or one-hot for the floor) run by the task's own pipeline."""
     card = one_step_card(_card(ctx))
     task = get_task(TASK)
     wrapped = AsX0(network, noisy_channels=len(card.labels), post=lambda out: torch.softmax(out, 1) * 2.0 - 1.0,
                    factor=factor_).eval()
 
-    def run(inputs: list[Volume]) -> Volume:
+    def run(inputs: list[Volume]) -> RunResult:
         options = RunOptions(device=str(ctx.device)).with_card_defaults(card)
         with torch.inference_mode():
-            return task.run(card, wrapped, inputs, options, Progress(), ctx.device).outputs["output"]
+            return task.run(card, wrapped, inputs, options, Progress(), ctx.device)
     return run
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..datasets import Dataset
@@ -60,6 +61,8 @@ class RunOptions:
 class RunResult:
     outputs: dict[str, Volume]                      # "output" is the main one
     info: dict[str, Any] = field(default_factory=dict)
+    # in memory only, never written: segment's "probabilities" (C, z, y, x) on the input's grid
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class Task:

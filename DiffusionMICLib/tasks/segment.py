@@ -12,6 +12,7 @@ Run: `ensemble` draws with seeds seed, seed+1, ...; each draw is mapped back to 
 scores, the draws are averaged, the average is taken back to the input's exact grid (linear),
 and the label map is its argmax. The uncertainty map is the per-voxel entropy (nats) of the
 averaged, normalised class probabilities: 0 where every draw agrees, up to ln(number of labels).
+The probabilities themselves (C, z, y, x, card label order) are in RunResult.arrays (not written).
 
 Schedule: as translate's (x0 prediction, Fast-DDPM on the 10 sampler timesteps); after 100 training
 steps of the tiny network this gave a mean Dice of 0.83 on phantom CSF/GM/WM, v prediction 0.46.
@@ -139,7 +140,7 @@ class Segment(Task):
         back /= np.maximum(back.sum(axis=0, keepdims=True), 1e-6)
         ref = volumes[0]
         return RunResult({"output": ref.with_array(labels), "uncertainty": ref.with_array(entropy(back))},
-                         {"labels": dict(card.labels), "ensemble": options.ensemble})
+                         {"labels": dict(card.labels), "ensemble": options.ensemble}, {"probabilities": back})
 
     def evaluate(self, pred: Volume, ref: Volume, mask: Volume | None) -> dict[str, Any]:
         """Dice, IoU and 95 % Hausdorff distance (mm) per label value found in either map.

@@ -10,6 +10,7 @@ from DiffusionMICLib.cli import main as cli_main
 from DiffusionMICLib.datasets import read_dataset
 from DiffusionMICLib.engine.batches import random_batches
 from DiffusionMICLib.engine.pipeline import train
+from DiffusionMICLib.errors import DiffusionMICError
 from DiffusionMICLib.metrics import segmentation_metrics
 from DiffusionMICLib.tasks import get_task
 from DiffusionMICLib.volume import Geometry, Volume, read_volume, write_volume
@@ -157,3 +158,33 @@ def test_learns_to_beat_an_empty_mask(phantom_dir, heldout_dir, tmp_path):
     print(f"segment Dice {got['mean_dice']:.3f} (tissues {tissue:.3f}; empty {empty['mean_dice']:.3f}), "
           f"{time.perf_counter() - t0:.0f} s")
     assert got["mean_dice"] > empty["mean_dice"] + 0.3 and tissue > 0.5
+
+
+def test_calibration_and_uncertainty_measures_on_constructed_cases():
+    """Known answers: confident and right is calibrated (ECE 0); 0.9 confidence on a label that is
+    right half the time is off by 0.4; an uncertainty map equal to the errors finds them exactly,
+    its opposite not at all."""
+    from DiffusionMICLib.metrics import calibration_error, uncertainty_error_agreement
+    ref = np.zeros((1, 10, 10), np.uint8)
+    ref[0, :5] = 1
+    ref[0, 5:] = 2
+    values = [0, 1, 2]
+    one_hot = np.stack([ref == v for v in values]).astype(np.float32)
+    assert calibration_error(one_hot, ref, values) == pytest.approx(0.0, abs=1e-6)
+    overconfident = np.zeros((3, 1, 10, 10), np.float32)
+    overconfident[1], overconfident[2] = 0.9, 0.1          # label 1 everywhere at 0.9; right on half
+    assert calibration_error(overconfident, ref, values) == pytest.approx(0.4, abs=1e-6)
+    inside = np.zeros(ref.shape, bool)
+    inside[0, :5] = True                                   # only where label 1 is right
+    assert calibration_error(overconfident, ref, values, inside) == pytest.approx(0.1, abs=1e-6)
+    with pytest.raises(DiffusionMICError, match="calibration"):
+        calibration_error(overconfident[:2], ref, values)
+
+    geometry = Geometry((10, 10, 1), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    reference = Volume(ref, geometry)
+    pred = reference.with_array(np.where(np.arange(10)[None, None, :] < 3, 0, ref).astype(np.uint8))
+    errors = (pred.array != ref).astype(np.float32)
+    exact = uncertainty_error_agreement(reference.with_array(errors), pred, reference)
+    assert exact == {"auroc": pytest.approx(1.0), "auprc": pytest.approx(1.0), "dice": pytest.approx(1.0)}
+    opposite = uncertainty_error_agreement(reference.with_array(1.0 - errors), pred, reference)
+    assert opposite["auroc"] == pytest.approx(0.0)

@@ -20,7 +20,9 @@ from DiffusionMICLib.study.learners import load_baseline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-METHODS = ["diffusion-simplex", "diffusion-gaussian", "diffusion-bundled", "ae", "vae", "resnet", "flair"]
+METHODS = ["diffusion-simplex", "diffusion-gaussian", "diffusion-bundled", "ae", "vae", "resnet", "flair",
+           "flair-negated", "flair-zscore"]
+TABLES = ["phantom, hyper lesions", "phantom, iso lesions", "phantom, hypo lesions", "phantom, tumour"]
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +37,25 @@ def test_quick_study_writes_every_method(quick):
     doc = json.loads((quick / "anomaly.json").read_text())
     assert list(doc["methods"]) == METHODS and doc["quick"] is True
     assert doc["data"]["test-healthy"]["lesions"] == 0 and doc["data"]["validation"]["lesions"] == 3
+    assert doc["data"]["test-tumour"]["lesion_kind"] == "tumour"
     for name, r in doc["methods"].items():
-        row = r["tables"]["phantom"]
-        assert row["volume_auroc"] in (0.0, 0.5, 1.0) and row["top1_error"] in (0.0, 0.5, 1.0), name
-        assert len(r["scores"]) == 2 and any("healthy" in k for k in r["scores"])
-        if name == "resnet":
-            assert row["voxel_auroc"] is None and row["val_dice"] is None
-        else:
-            assert 0.0 <= row["voxel_auroc"] <= 1.0 and 0.0 <= row["val_dice"] <= 1.0, name
+        assert list(r["tables"]) == TABLES, name
+        # one subject per kind and one healthy subject, each detected once
+        assert sorted(r["scores"]) == ["test-healthy/phantom_000", "test-hypo/phantom_000", "test-iso/phantom_000",
+                                       "test-tumour/phantom_000", "test/phantom_000"], name
+        for table, row in r["tables"].items():
+            assert row["volume_auroc"] in (0.0, 0.5, 1.0) and row["top1_error"] in (0.0, 0.5, 1.0), name
+            if name == "resnet":
+                assert row["voxel_auroc"] is None and row["val_dice"] is None
+            else:
+                assert 0.0 <= row["voxel_auroc"] <= 1.0 and 0.0 <= row["val_dice"] <= 1.0, (name, table)
+        if name != "resnet":
             assert set(np.load(quick / "anomaly" / name / "previews.npz")) == {"anomaly map", "errors", "healthy map"}
-    assert doc["methods"]["flair"]["tables"]["phantom"]["voxel_auroc"] > 0.95     # the floor is strong here
+    floors = {m: doc["methods"][m]["tables"] for m in ("flair", "flair-negated", "flair-zscore")}
+    assert floors["flair"]["phantom, hyper lesions"]["voxel_auroc"] > 0.95     # the floor is strong here
+    assert floors["flair"]["phantom, hypo lesions"]["voxel_auroc"] < 0.8       # and blind to dark lesions,
+    assert floors["flair-negated"]["phantom, hypo lesions"]["voxel_auroc"] > \
+        floors["flair"]["phantom, hypo lesions"]["voxel_auroc"]               # which negation sees better
     assert doc["methods"]["flair"]["training"] is None
     text = (quick / "anomaly.md").read_text()
     assert "Top-1 error (volume)" in text and "Top-5" in text and "AUROC (voxel)" in text

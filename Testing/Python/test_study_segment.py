@@ -36,12 +36,15 @@ def test_quick_study_writes_every_method(quick):
     for name, r in doc["methods"].items():
         row = r["tables"]["phantom"]
         assert 0.0 <= row["mean_dice"] <= 1.0 and 0.0 <= row["iou_lesion"] <= 1.0, name
+        assert 0.0 <= row["ece"] <= 1.0 and 0.0 <= row["uncertainty_auroc"] <= 1.0, name
         assert r["seconds_per_volume"] > 0
         assert (quick / "segment" / name / "previews.npz").is_file()
     ens1, ens5 = doc["methods"]["diffusion"], doc["methods"]["diffusion-ens5"]
     assert ens5["training"] == ens1["training"] and ens1["training"]["steps"] >= 1     # one model, trained once
     assert not (quick / "segment" / "diffusion-ens5" / "model").exists()
     assert doc["methods"]["centroid"]["training"] is None
+    # the floor's one-hot probabilities: no uncertainty anywhere, so it marks no error better than chance
+    assert doc["methods"]["centroid"]["tables"]["phantom"]["uncertainty_auroc"] == pytest.approx(0.5)
     assert set(doc["methods"]["centroid"]["centroids"]) == {"background", "CSF", "GM", "WM", "lesion"}
     previews = np.load(quick / "segment" / "nnunet" / "previews.npz")
     reference = np.load(quick / "segment" / "reference.npz")
