@@ -5,6 +5,7 @@
     result = dmic.denoise(vol, "brain-mri-denoise", steps=10)
     dmic.write_volume(result.outputs["output"], "t1-denoised.nrrd")
     dmic.finetune("denoise", "brain-mri-denoise", "my-site-data/", "models/site-denoise")   # LoRA
+    dmic.adapt("denoise", "brain-mri-denoise", "t1.nii.gz", "models/t1-adapted")   # no reference needed
 
 The names below are imported on first use (PEP 562), so that `import DiffusionMICLib` and
 commands that need little (`diffusion-mic phantom`, `models list`) do not load the engine
@@ -18,7 +19,7 @@ from typing import Any
 _EXPORTS = {
     "anomaly": "api", "denoise": "api", "detect_anomalies": "api", "evaluate": "api", "evaluate_many": "api",
     "generate": "api", "run": "api", "segment": "api", "translate": "api",
-    "finetune": "engine.pipeline", "train": "engine.pipeline",
+    "adapt": "engine.pipeline", "finetune": "engine.pipeline", "train": "engine.pipeline",
     "Cancelled": "errors", "DiffusionMICError": "errors",
     "ModelCard": "models", "load_model": "models",
     "Progress": "progress",

@@ -62,6 +62,33 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
             "final_loss": card.training["final_loss"]}
 
 
+def cmd_adapt(args: argparse.Namespace) -> dict[str, Any]:
+    from .engine.pipeline import adapt
+    card = adapt(args.task, args.model, args.input, args.out, steps=args.steps, lora_rank=args.lora_rank,
+                 sigma=args.sigma, device=args.device, progress=_progress(args))
+    spec = card.training["self_supervised"]
+    return {"model": str(args.out), "name": card.name, "base_model": card.training["finetune"]["base_model"],
+            "steps": card.training["steps"], "wall_time_s": card.training["wall_time_s"],
+            "sigma_unit": spec["sigma_unit"], "sigma_estimated": spec["sigma"] is None}
+
+
+def _run_adapted(args: argparse.Namespace, volumes: list, options) -> Any:
+    """run --adapt N: adapt the model to the one input in a temporary folder, then run that."""
+    import tempfile
+
+    from .api import run
+    from .engine.pipeline import adapt
+    if args.task != "denoise" or len(volumes) != 1 or args.adapt < 1:
+        raise DiffusionMICError("--adapt N (N >= 1) is for denoise, with one input volume")
+    with tempfile.TemporaryDirectory(prefix="diffusion-mic-adapted-") as tmp:
+        card = adapt("denoise", args.model, volumes[0], Path(tmp) / "model", steps=args.adapt, device=args.device,
+                     progress=_progress(args))
+        result = run(args.task, Path(tmp) / "model", volumes, options, progress=_progress(args))
+    result.info["adapted"] = {"steps": card.training["steps"], "wall_time_s": card.training["wall_time_s"],
+                              "sigma_unit": card.training["self_supervised"]["sigma_unit"]}
+    return result
+
+
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     from .api import run
     from .segfile import is_seg_nrrd, write_segmentation
@@ -82,7 +109,10 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
         options = RunOptions(sampler=args.sampler, steps=args.steps, seed=args.seed, device=args.device,
                              strength=args.strength, ensemble=args.ensemble, guidance=args.guidance,
                              count=args.count, condition=args.condition, batch_size=args.batch_size)
-        result = run(args.task, args.model, volumes, options, progress=_progress(args))
+        if args.adapt:
+            result = _run_adapted(args, volumes, options)
+        else:
+            result = run(args.task, args.model, volumes, options, progress=_progress(args))
     notes = [str(w.message) for w in caught if issubclass(w.category, DiffusionMICWarning)]
     for note in notes:
         print(f"diffusion-mic: warning: {note}", file=sys.stderr)
@@ -247,6 +277,18 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.set_defaults(func=cmd_finetune)
 
+    sp = add_parser("adapt", help="adapt a denoiser to one noisy scan, without a clean reference (self-supervised)")
+    sp.add_argument("task", choices=("denoise",), help="the task of the base model (denoise)")
+    sp.add_argument("--model", required=True, help="the base model: a folder or a catalog name (left unchanged)")
+    sp.add_argument("--input", required=True, help="the noisy scan to adapt to (any readable volume)")
+    sp.add_argument("--out", required=True, help="model folder to write for the adapted model")
+    sp.add_argument("--steps", type=int, default=200, help="adaptation steps (Recorrupted-to-Recorrupted pairs)")
+    sp.add_argument("--lora-rank", type=int, default=8, help="adapter rank; 0 adapts all weights")
+    sp.add_argument("--sigma", type=float, default=None,
+                    help="the scan's noise standard deviation in its units (default: estimated from the scan)")
+    common(sp)
+    sp.set_defaults(func=cmd_adapt)
+
     sp = add_parser("run", help="run a task's model on input volumes")
     sp.add_argument("task", choices=TASK_NAMES, help="the task to run")
     sp.add_argument("--model", required=True, help="catalog name or model folder")
@@ -268,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=16, help="slices per batch (2D models)")
     sp.add_argument("--uncertainty", help="segment: where to write the uncertainty map (default: beside --output)")
     sp.add_argument("--mask", help="anomaly: where to write the thresholded mask (default: beside --output)")
+    sp.add_argument("--adapt", type=int, default=0,
+                    help="denoise: first adapt the model to the input for this many self-supervised steps "
+                         "(a temporary copy; the model is left unchanged); 0: no adaptation")
     common(sp)
     sp.set_defaults(func=cmd_run)
 

@@ -125,7 +125,7 @@ def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[s
         runs = earlier.get("runs") or [_run_record(earlier)]
     card.training = {
         **card.training,   # task-specific training settings (noise range, variant, oversampling)
-        "data": str(Path(data)), "cases": [c.id for c in cases], "config": config.to_dict(),
+        "data": settings.get("data", str(Path(data))), "cases": [c.id for c in cases], "config": config.to_dict(),
         "steps": trainer.step, "wall_time_s": round(wall, 1), "device": str(dev),
         "world_size": trainer.world, "commit": commit,
         "command": settings.get("command", ""),
@@ -171,3 +171,43 @@ def finetune(task_name: str, model: str | Path, data: str | Path, out: str | Pat
     settings.setdefault("name", f"{card.name}-finetuned")
     return train(task_name, data, out, settings=settings, max_steps=max_steps, device=device, progress=progress,
                  resume=resume, base=(card, network), lora_rank=lora_rank)
+
+
+# Adapting to one scan: short, on that scan alone (measured on the bundled denoiser: see the README).
+ADAPT_STEPS = 200
+
+
+def adapt(task_name: str, model: str | Path, scan: str | Path | Volume, out: str | Path, *, steps: int = ADAPT_STEPS,
+          lora_rank: int = 8, sigma: float | None = None, alpha: float = 0.5, device: str = "auto",
+          progress: Progress | None = None) -> ModelCard:
+    """Fine-tune a denoiser on one noisy scan without its clean version (Recorrupted-to-Recorrupted,
+    tasks.denoise), with rank-`lora_rank` adapters merged afterwards. `sigma`: the scan's noise
+    standard deviation in its own units (default: estimated). The base model is left as it was."""
+    import tempfile
+
+    from ..volume import Volume, read_volume, write_volume
+    if task_name != "denoise":
+        raise DiffusionMICError(f"only denoise models adapt to a scan without a reference, not {task_name}")
+    if steps < 1 or not 0 < alpha <= 1 or (sigma is not None and sigma <= 0):
+        raise DiffusionMICError(f"adapt needs steps >= 1, 0 < alpha <= 1 and sigma > 0 "
+                                f"(got {steps}, {alpha}, {sigma})")
+    folder = resolve_model(model)
+    if Path(out).resolve() == folder.resolve():
+        raise DiffusionMICError(f"--out '{out}' is the base model's own folder; choose another")
+    card, network = load_model(folder)
+    if card.task != task_name:
+        raise DiffusionMICError(f"model '{card.name}' is a {card.task} model, not a {task_name} model")
+    volume = scan if isinstance(scan, Volume) else read_volume(scan)
+    card.training = {**card.training, "channels": ["scan"], "noise_range": None,
+                     "self_supervised": {"method": "recorrupted-to-recorrupted", "alpha": alpha, "sigma": sigma}}
+    settings = {"name": f"{card.name}-adapted", "data": str(scan) if not isinstance(scan, Volume) else "a volume",
+                "command": f"adapt {task_name} (Recorrupted-to-Recorrupted, {steps} steps)",
+                "train": {**FINETUNE_TRAIN, "lr": FINETUNE_LR["lora" if lora_rank else "full"], "max_steps": steps}}
+    with tempfile.TemporaryDirectory(prefix="diffusion-mic-adapt-") as tmp:
+        data = Path(tmp)
+        (data / "imagesTr").mkdir()
+        write_volume(volume, data / "imagesTr" / "scan_0000.nii.gz")
+        (data / "dataset.json").write_text(json.dumps({"channel_names": {"0": "scan"}, "labels": {"background": 0},
+                                                       "numTraining": 1, "file_ending": ".nii.gz"}))
+        return train(task_name, data, out, settings=settings, device=device, progress=progress, resume=False,
+                     base=(card, network), lora_rank=lora_rank)

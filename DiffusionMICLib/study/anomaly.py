@@ -32,6 +32,8 @@ from .segment import cut_slab, largest_slice
 
 TASK = "anomaly"
 CHANNELS = ["FLAIR"]
+JOINT = ["T1", "T2", "FLAIR"]           # the joint multi-contrast diffusion model's channels
+REQUIRED_CHANNELS = JOINT
 BUNDLED = "brain-mri-anomaly"
 QUICK_DEPTH = 8                       # quick studies: this many axial slices per test volume
 TOP_SLICES = 3                        # the ResNet's volume score: mean of its top-3 slice probabilities
@@ -61,6 +63,8 @@ NOTES = [
     "validation threshold. With two classes Top-5 is meaningless (always 0) and is not reported.",
     "Every map is made by the anomaly task's own code: |FLAIR - reconstruction| in its normalised units "
     "(foreground median -> 0.5), Gaussian-smoothed (2 mm), zero outside the brain eroded by 2 mm. "
+    f"The joint diffusion model learns healthy {', '.join(JOINT)} together (one 3-channel image) and its map "
+    "is the residual averaged over the three channels. "
     "AE/VAE: MONAI AutoEncoder / VarAutoEncoder (KL weight 1e-3) trained on the training subjects' "
     "healthy FLAIR (healthyTr) 64 x 64 crops like the diffusion models, run by 64 x 64 sliding windows. "
     "FLAIR floors, through the same smoothing and masking: raw (the reconstruction is the background value, "
@@ -116,7 +120,8 @@ def _phantom(ctx: Context, part: str, seed: int, n: int, lesions: int, kind: str
 
 def _item(ctx: Context, case: Case, part: str) -> dict[str, Any]:
     """FLAIR, lesion reference, scored voxels and preview slice of one case (quick: a slab)."""
-    flair, label = case.read("FLAIR"), case.read_label()
+    images, label = [case.read(ch) for ch in JOINT], case.read_label()
+    flair = images[JOINT.index("FLAIR")]
     value = ctx.data.train.labels.get("lesion")
     if ctx.data.source.get("kind") == "phantom":
         lesion = label.array >= PHANTOM_LESION                  # every lesion kind, tumour parts included
@@ -124,11 +129,13 @@ def _item(ctx: Context, case: Case, part: str) -> dict[str, Any]:
         lesion = label.array == value if value is not None else lesion_reference(label)
     brain = brain_mask(flair.array[None].astype(np.float32)) | lesion
     z = largest_slice(lesion if lesion.any() else brain)
-    volumes = [flair, label.with_array(lesion.astype(np.uint8)), label.with_array(brain.astype(np.uint8))]
+    volumes = [label.with_array(lesion.astype(np.uint8)), label.with_array(brain.astype(np.uint8)), *images]
     if ctx.quick:
         volumes, z = cut_slab(volumes, z, QUICK_DEPTH)
-    return {"id": case.id, "key": f"{part}/{case.id}", "test": part.startswith("test"), "flair": volumes[0],
-            "lesion": volumes[1], "mask": volumes[2], "z": z, "anomalous": bool(volumes[1].array.any())}
+    channels = dict(zip(JOINT, volumes[2:]))
+    return {"id": case.id, "key": f"{part}/{case.id}", "test": part.startswith("test"), "flair": channels["FLAIR"],
+            "channels": channels, "lesion": volumes[0], "mask": volumes[1], "z": z,
+            "anomalous": bool(volumes[0].array.any())}
 
 
 def benchmark_name(ctx: Context, kind: str) -> str:
@@ -165,7 +172,8 @@ def cases(ctx: Context) -> dict[str, dict[str, list[dict[str, Any]]]]:
 
 # ---- evaluation --------------------------------------------------------------------------------------
 
-Detector = Callable[[Volume], tuple[Volume | None, float]]     # FLAIR -> (anomaly map or None, volume score)
+# {channel: volume} of a case -> (anomaly map or None, volume score)
+Detector = Callable[[dict[str, Volume]], tuple[Volume | None, float]]
 
 
 def best_cut(scores: list[float], truth: list[bool]) -> float:
@@ -202,7 +210,7 @@ def _evaluate(ctx: Context, detect: Detector) -> Evaluation:
     ctx.progress.start("evaluate", len(unique))
     for key, item in unique.items():
         t0 = time.perf_counter()
-        results[key] = detect(item["flair"])
+        results[key] = detect(item["channels"])
         if item["test"]:
             seconds.append(time.perf_counter() - t0)
         ctx.progress.advance()
@@ -264,10 +272,10 @@ def write_reference(ctx: Context) -> None:
 
 # ---- diffusion ------------------------------------------------------------------------------------
 
-def _fit_diffusion(noise: dict[str, Any] | None):
+def _fit_diffusion(task: dict[str, Any] | None):
     def fit(ctx: Context, folder: Path) -> dict[str, Any]:
         card = train(TASK, ctx.data.train_dir, folder / "model", device=str(ctx.device),
-                     settings=budget_recipe(ctx, RECIPE, QUICK_NETWORK, **(noise or {})),
+                     settings=budget_recipe(ctx, RECIPE, QUICK_NETWORK, **(task or {})),
                      progress=ctx.progress, resume=True)
         t = card.training
         return {"steps": t["steps"], "batch_size": t["config"]["batch_size"], "wall_time_s": t["wall_time_s"]}
@@ -275,8 +283,10 @@ def _fit_diffusion(noise: dict[str, Any] | None):
 
 
 def _model_detector(ctx: Context, model: str | Path) -> Detector:
-    def detect(flair: Volume) -> tuple[Volume, float]:
-        result = api.anomaly([flair], model, device=str(ctx.device))
+    inputs = read_card(resolve_model(model)).inputs
+
+    def detect(channels: dict[str, Volume]) -> tuple[Volume, float]:
+        result = api.anomaly([channels[ch] for ch in inputs], model, device=str(ctx.device))
         return result.outputs["output"], float(result.info["score"])
     return detect
 
@@ -347,8 +357,8 @@ def network_reconstruction(net: torch.nn.Module, patch: list[int], device: torch
 def _map_detector(card: ModelCard, reconstruct: Reconstruct) -> Detector:
     task = get_task(TASK)
 
-    def detect(flair: Volume) -> tuple[Volume, float]:
-        result = task.detect(card, [flair], reconstruct, Progress())
+    def detect(channels: dict[str, Volume]) -> tuple[Volume, float]:
+        result = task.detect(card, [channels["FLAIR"]], reconstruct, Progress())
         return result.outputs["output"], float(result.info["score"])
     return detect
 
@@ -437,8 +447,8 @@ def _eval_resnet(ctx: Context, folder: Path) -> Evaluation:
     net, _ = load_baseline(folder, ctx.device)
     card = _card(ctx)
 
-    def detect(flair: Volume) -> tuple[None, float]:
-        p = slice_probabilities(net, card, flair, ctx.device)
+    def detect(channels: dict[str, Volume]) -> tuple[None, float]:
+        p = slice_probabilities(net, card, channels["FLAIR"], ctx.device)
         return None, float(np.mean(np.sort(p)[-TOP_SLICES:]))
     return _evaluate(ctx, detect)
 
@@ -449,6 +459,8 @@ def methods(quick: bool) -> list[Method]:
                _fit_diffusion(None)),
         Method("diffusion-gaussian", "Diffusion, Gaussian noise", "diffusion", _eval_diffusion,
                _fit_diffusion(GAUSSIAN)),
+        Method("diffusion-joint", f"Diffusion, {', '.join(JOINT)} jointly (simplex)", "diffusion", _eval_diffusion,
+               _fit_diffusion({"channels": JOINT})),
         Method("diffusion-bundled", f"Diffusion, bundled {BUNDLED} (simplex)", "diffusion", _eval_bundled,
                note=bundled_note(BUNDLED)),
         Method("ae", "Autoencoder reconstruction (MONAI AutoEncoder)", "learned", _eval_reconstruction,

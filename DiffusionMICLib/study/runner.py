@@ -46,9 +46,10 @@ def select_methods(module, names: list[str] | None, ctx_quick: bool) -> list[Met
 def study_data(task: str, module, data: str | Path | None, out: Path, quick: bool) -> StudyData:
     budget = QUICK if quick else FULL
     sd = phantom_data(out / "data", budget) if data is None else user_data(Path(data))
-    missing = [c for c in getattr(module, "CHANNELS", []) if c not in sd.train.channels]
+    needed = getattr(module, "REQUIRED_CHANNELS", getattr(module, "CHANNELS", []))   # every channel it reads
+    missing = [c for c in needed if c not in sd.train.channels]
     if missing:
-        raise DiffusionMICError(f"the {task} study needs channels {', '.join(module.CHANNELS)}; "
+        raise DiffusionMICError(f"the {task} study needs channels {', '.join(needed)}; "
                                 f"'{sd.train_dir}' lacks {', '.join(missing)}")
     return sd
 

@@ -6,6 +6,13 @@ drawn from the clean target for every batch instead, so one model covers many no
 With {"context": k} in the settings, the 2D model also sees the k slices on either side of each
 slice (2.5D): their noise is independent and their anatomy nearly the same.
 The output is in the input's units (the normalisation is inverted).
+
+Self-supervised adaptation to noisy scans without clean versions (card.training["self_supervised"],
+set by `engine.pipeline.adapt`): Recorrupted-to-Recorrupted (Pang et al., CVPR 2021). With the
+scan y (imagesTr) and its noise level sigma (given, or `engine.noiselevel.estimate_sigma`), every
+batch draws z ~ N(0, sigma^2) and trains on the pair y + alpha z -> y - z / alpha: the two noises are
+uncorrelated, so in expectation the loss is that of training towards the clean image. The noise of
+the input is sqrt(1 + alpha^2) sigma, inside the range a multi-level denoiser was trained on.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import torch
 from ..datasets import Case, Dataset
 from ..engine.batches import TrainingCase
 from ..engine.network import network_config
+from ..engine.noiselevel import estimate_sigma
 from ..engine.sampling import foreground_crop, sample_draws
 from ..engine.space import ModelSpace, foreground, from_unit, robust_scale, to_unit
 from ..engine.trainer import Batch
@@ -60,6 +68,8 @@ class Denoise(Task):
 
     def training_cases(self, card: ModelCard, dataset: Dataset, cases: list[Case]) -> list[TrainingCase]:
         channels = card.training.get("channels") or dataset.channels
+        if card.training.get("self_supervised"):
+            return self._noisy_cases(card, cases, channels)
         synth = card.training.get("noise_range") is not None
         out = []
         for case in cases:
@@ -76,7 +86,28 @@ class Denoise(Task):
                                         foreground=foreground(space.arrays[1])))
         return out
 
+    @staticmethod
+    def _noisy_cases(card: ModelCard, cases: list[Case], channels: list[str]) -> list[TrainingCase]:
+        """The noisy scans as both target and conditioning; records each one's noise sigma in model
+        units (the given one, in the scan's units, or the estimate) under self_supervised["sigma_unit"]."""
+        spec = card.training["self_supervised"]
+        out, sigmas = [], []
+        for case in cases:
+            for ch in channels:
+                space = ModelSpace.enter([case.read(ch)], card.orientation, card.spacing)
+                scale = robust_scale(space.arrays[0], card.normalisation)
+                given = spec.get("sigma")
+                sigmas.append(2.0 * (given if given is not None else estimate_sigma(space.arrays[0])) / scale)
+                noisy = to_unit(space.arrays, scale)
+                out.append(TrainingCase(target=noisy, cond=noisy, foreground=foreground(space.arrays[0])))
+        if min(sigmas) <= 0:
+            raise DiffusionMICError("adaptation needs a noisy scan: its estimated noise level is 0 (give --sigma)")
+        spec["sigma_unit"] = [round(float(v), 5) for v in sigmas]
+        return out
+
     def augment(self, card: ModelCard):
+        if card.training.get("self_supervised"):
+            return self._recorrupt(card)
         if card.training.get("noise_range") is None:
             return None
         lo, hi = card.training["noise_range"]
@@ -91,6 +122,19 @@ class Denoise(Task):
             noisy = rician(clean01, pct / 100.0 * brightest, generator)
             return Batch(batch.target, noisy * 2 - 1, batch.labels)
         return add_noise
+
+    @staticmethod
+    def _recorrupt(card: ModelCard):
+        """Recorrupted-to-Recorrupted pairs: (y + alpha z -> y - z / alpha), z ~ N(0, sigma^2) drawn
+        afresh for every crop (the centre slice's z is the one taken off the target)."""
+        spec = card.training["self_supervised"]
+        sigma, alpha, k = float(np.mean(spec["sigma_unit"])), float(spec.get("alpha", 0.5)), int(card.context)
+        # sigma_unit is in the batch's [-1, 1] units (2 / scale times the scan's)
+
+        def recorrupt(batch: Batch, generator: torch.Generator) -> Batch:
+            z = torch.randn(batch.cond.shape, generator=generator) * sigma
+            return Batch(batch.target - z[:, k:k + 1] / alpha, batch.cond + alpha * z, batch.labels)
+        return recorrupt
 
     def run(self, card: ModelCard, network: torch.nn.Module, volumes: list[Volume], options: RunOptions,
             progress: Progress, device: torch.device) -> RunResult:

@@ -219,6 +219,57 @@ def test_lora_finetune_adapts_to_a_noisier_site_and_leaves_the_base(tiny_model, 
     assert psnr["tuned"] > psnr["base"] + 0.5
 
 
+ADAPT_STEPS = 100
+
+
+def test_adapt_to_one_noisy_scan_without_its_clean_version(tiny_model, noisier_site, tmp_path, capsys):
+    """Recorrupted-to-Recorrupted on the 12 % scan alone (its clean version is only used to score):
+    better than the 5 %-trained base on that scan; the base is left as it was."""
+    from DiffusionMICLib.cli import main as cli_main
+    from DiffusionMICLib.models import load_model
+    base_weights = (tiny_model / "model.safetensors").read_bytes()
+    scan = noisier_site / "imagesTr" / "phantom_001_0000.nii.gz"
+    out = tmp_path / "adapted"
+    assert cli_main(["adapt", "denoise", "--model", str(tiny_model), "--input", str(scan), "--out", str(out),
+                     "--steps", str(ADAPT_STEPS), "--lora-rank", "4", "--progress", "none"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["steps"] == ADAPT_STEPS and printed["sigma_estimated"] is True
+    card, _ = load_model(out)
+    assert card.training["self_supervised"]["method"] == "recorrupted-to-recorrupted"
+    assert card.training["data"] == str(scan) and card.training["finetune"]["base_model"] == load_model(tiny_model)[0].name
+    assert (tiny_model / "model.safetensors").read_bytes() == base_weights
+    # the estimate, in model units (2 sigma / scale), against the phantom's nominal 12 % of the brightest tissue
+    noisy, clean = read_volume(scan), read_volume(noisier_site / "cleanTr" / "phantom_001_0000.nii.gz")
+    labels = read_volume(noisier_site / "labelsTr" / "phantom_001.nii.gz")
+    brain = labels.with_array((labels.array > 0).astype(np.uint8))
+    psnr = {name: dmic.evaluate("denoise", dmic.denoise(noisy, model).outputs["output"], clean, brain)["psnr"]
+            for name, model in (("base", tiny_model), ("adapted", out))}
+    print(f"12 % scan, self-supervised: PSNR base {psnr['base']:.2f} -> adapted {psnr['adapted']:.2f}")
+    assert psnr["adapted"] > psnr["base"] + 0.3
+
+
+def test_run_adapt_option_and_bad_input(tiny_model, noisier_site, tmp_path, capsys):
+    from DiffusionMICLib.cli import main as cli_main
+    scan = str(noisier_site / "imagesTr" / "phantom_001_0000.nii.gz")
+    out = tmp_path / "denoised.nii.gz"
+    assert cli_main(["run", "denoise", "--model", str(tiny_model), "--input", scan, "--output", str(out),
+                     "--adapt", "3", "--progress", "none"]) == 0
+    assert json.loads(capsys.readouterr().out)["adapted"]["steps"] == 3 and out.is_file()
+    with pytest.raises(SystemExit):                     # argparse: denoise is the only choice
+        cli_main(["adapt", "segment", "--model", str(tiny_model), "--input", scan, "--out", str(tmp_path / "bad")])
+    capsys.readouterr()
+    for extra, message in ((["--steps", "0"], "steps"), (["--sigma", "-1"], "sigma"),
+                           (["--input", str(tmp_path / "none.nii.gz")], "none.nii.gz")):
+        argv = ["adapt", "denoise", "--model", str(tiny_model), "--input", scan, "--out", str(tmp_path / "bad"),
+                "--progress", "none"] + extra
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+    assert cli_main(["adapt", "denoise", "--model", str(tiny_model), "--input", scan, "--out", str(tiny_model),
+                     "--progress", "none"]) == 2
+    assert "base model's own folder" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--lora-rank", "-1"], "LoRA rank"),
     (["--out", "{model}"], "base model's own folder"),

@@ -35,6 +35,10 @@ def test_quick_denoise_study_has_every_method(quick_denoise):
     # a real trained model and a classic method change the image
     assert doc["methods"]["nlm"]["tables"]["phantom, 5 % noise"]["psnr_gain"] > 1.0
     assert doc["methods"]["unet"]["training"]["steps"] >= 1
+    # adapted: the diffusion row's model, fine-tuned per scan in a temporary folder that is gone after
+    assert doc["methods"]["diffusion-adapted"]["training"] == doc["methods"]["diffusion"]["training"]
+    assert list(doc["methods"]["diffusion-adapted"]["tables"]) == ["phantom, 5 % noise", "real MR, 5 % noise"]
+    assert not list((quick_denoise / "denoise" / "diffusion-adapted").glob("adapted-*"))
     md = (quick_denoise / "denoise.md").read_text()
     assert md.count("| Noisy input |") == len(doc["methods"]["noisy"]["tables"])
     assert "**" in md and (quick_denoise / "denoise.png").stat().st_size > 10_000
