@@ -139,11 +139,12 @@ class DiffusionMICLogic(ScriptedLoadableModuleLogic):
             raise
 
     def start(self, task, inputNodes, model, outputNode=None, *, sampler=None, steps=None, seed=None,
-              strength=None, ensemble=None, guidance=None, count=None, condition=None, device=None, show=True,
-              onProgress=None, onFinished=None, onError=None) -> DiffusionMICJob:
+              strength=None, ensemble=None, guidance=None, count=None, condition=None, device=None, adapt=None,
+              show=True, onProgress=None, onFinished=None, onError=None) -> DiffusionMICJob:
         """Start `diffusion-mic run TASK` on the input nodes in the background; returns the job.
 
-        None options take the model card's defaults. The inputs are written to a temporary
+        None options take the model card's defaults. `adapt` (denoise): self-supervised steps that
+        first fit a temporary copy of the model to the input (`run --adapt`); 0 or None: none. The inputs are written to a temporary
         folder (removed afterwards); the results are brought into the scene when the job is
         polled after the backend has finished.
         """
@@ -180,6 +181,10 @@ class DiffusionMICLogic(ScriptedLoadableModuleLogic):
                    "guidance": guidance, "device": device}
         if task == "generate":
             options.update(count=count, condition=condition)
+        if adapt:
+            if task != "denoise":
+                raise ValueError("only denoise adapts to the scan (adapt)")
+            options["adapt"] = int(adapt)
 
         def writeInputs(folder):
             for i, node in enumerate(inputNodes):

@@ -30,7 +30,7 @@ PANELS: tuple[Panel, ...] = (
     Panel("generate", "Generate", takesInputs=False, extraOptions=("count", "condition"), feedsCompare=False),
     Panel("translate", "Modality conversion"),
     Panel("segment", "Segment", outputClass="vtkMRMLSegmentationNode"),
-    Panel("denoise", "Denoise"),
+    Panel("denoise", "Denoise", extraOptions=("adapt",)),
     Panel("anomaly", "Anomaly detection", showsScore=True),
 )
 TASKS: tuple[str, ...] = tuple(p.task for p in PANELS)

@@ -56,6 +56,7 @@ class DiffusionMICParameterNode:
     denoiseInputs: list[vtkMRMLScalarVolumeNode]
     denoise: DiffusionMICSampling
     denoiseOutput: vtkMRMLScalarVolumeNode
+    denoiseAdapt: Annotated[int, WithinRange(0, 5000)] = 0     # self-supervised steps on the scan first; 0: off
 
     anomalyModel: str = ""
     anomalyInputs: list[vtkMRMLScalarVolumeNode]

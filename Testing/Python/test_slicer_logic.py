@@ -429,6 +429,22 @@ def test_denoise_blocking_keeps_geometry_and_places_beside_input(phantom, models
     assert logic.lastResult.outputNode is out
 
 
+def test_denoise_adapted_to_the_scan_first(phantom, models):
+    """The Denoise panel's "Adapt to the scan" (run --adapt): a temporary copy is adapted, the
+    model folder is left as it was; other tasks refuse the option before anything starts."""
+    _, arrays = phantom
+    t1 = add_volume(crop(arrays["T1"]), "T1")
+    weights = Path(models["denoise"], "model.safetensors").read_bytes()
+    logic = module.DiffusionMICLogic()
+    out = logic.denoise(t1, model=models["denoise"], steps=2, adapt=2)
+    assert json.loads(out.GetAttribute("DiffusionMIC.run"))["adapted"]["steps"] == 2
+    assert Path(models["denoise"], "model.safetensors").read_bytes() == weights
+    nodes = slicer.mrmlScene.GetNumberOfNodes()
+    with pytest.raises(ValueError, match="only denoise"):
+        logic.segment([t1], model=models["denoise"], adapt=5)
+    assert slicer.mrmlScene.GetNumberOfNodes() == nodes
+
+
 def test_failing_backend_leaves_no_node_and_says_why(phantom):
     _, arrays = phantom
     t1 = add_volume(crop(arrays["T1"]), "T1")

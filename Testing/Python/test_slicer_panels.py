@@ -62,6 +62,7 @@ def test_run_options_from_the_panel():
     assert panels.runOptions(panels.panel("generate"), sampling, {"count": 2, "condition": ""}, "cpu") == {
         **sampling, "device": "cpu", "count": 2, "condition": None}
     assert "count" not in panels.runOptions(panels.panel("denoise"), sampling, {}, "auto")
+    assert panels.runOptions(panels.panel("denoise"), sampling, {"adapt": 200}, "auto")["adapt"] == 200
 
 
 def test_extension_packages_every_module_file():
