@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from ..errors import DiffusionMICError
 from ..models import REPO_ROOT, ModelCard, load_model, read_card, resolve_model, save_model
 from ..progress import Progress
 from ..tasks import get_task
+from ..volume import Volume, read_volume, write_volume
 from .batches import TrainingCase, random_batches
 from .inference import stack_neighbours
 from .lora import add_lora, merge_lora, parameter_counts
@@ -145,6 +147,17 @@ def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[s
     return card
 
 
+def _base(task_name: str, model: str | Path, out: str | Path) -> tuple[ModelCard, torch.nn.Module]:
+    """The base model of a fine-tuning run, checked: of the task, and not written over by `out`."""
+    folder = resolve_model(model)
+    if Path(out).resolve() == folder.resolve():
+        raise DiffusionMICError(f"--out '{out}' is the base model's own folder; choose another")
+    card, network = load_model(folder)
+    if card.task != task_name:
+        raise DiffusionMICError(f"model '{card.name}' is a {card.task} model, not a {task_name} model")
+    return card, network
+
+
 # A fine-tuning run starts from trained weights: fewer, smaller steps than the base's training
 # (the adapters take a larger learning rate than full fine-tuning), decaying to the end.
 FINETUNE_TRAIN = {"max_steps": 500, "lr_schedule": "cosine", "time_limit_s": None, "ema_start": 0}
@@ -159,12 +172,7 @@ def finetune(task_name: str, model: str | Path, data: str | Path, out: str | Pat
     the new folder's card names it. `settings` may hold "train" overrides, "cases", "name"."""
     if lora_rank < 0:
         raise DiffusionMICError(f"LoRA rank must be 0 (all weights) or more, got {lora_rank}")
-    folder = resolve_model(model)
-    if Path(out).resolve() == folder.resolve():
-        raise DiffusionMICError(f"--out '{out}' is the base model's own folder; choose another")
-    card, network = load_model(folder)
-    if card.task != task_name:
-        raise DiffusionMICError(f"model '{card.name}' is a {card.task} model, not a {task_name} model")
+    card, network = _base(task_name, model, out)
     settings = dict(settings or {})
     lr = FINETUNE_LR["lora" if lora_rank else "full"]
     settings["train"] = {**FINETUNE_TRAIN, "lr": lr, **settings.get("train", {})}
@@ -183,20 +191,12 @@ def adapt(task_name: str, model: str | Path, scan: str | Path | Volume, out: str
     """Fine-tune a denoiser on one noisy scan without its clean version (Recorrupted-to-Recorrupted,
     tasks.denoise), with rank-`lora_rank` adapters merged afterwards. `sigma`: the scan's noise
     standard deviation in its own units (default: estimated). The base model is left as it was."""
-    import tempfile
-
-    from ..volume import Volume, read_volume, write_volume
     if task_name != "denoise":
         raise DiffusionMICError(f"only denoise models adapt to a scan without a reference, not {task_name}")
     if steps < 1 or not 0 < alpha <= 1 or (sigma is not None and sigma <= 0):
         raise DiffusionMICError(f"adapt needs steps >= 1, 0 < alpha <= 1 and sigma > 0 "
                                 f"(got {steps}, {alpha}, {sigma})")
-    folder = resolve_model(model)
-    if Path(out).resolve() == folder.resolve():
-        raise DiffusionMICError(f"--out '{out}' is the base model's own folder; choose another")
-    card, network = load_model(folder)
-    if card.task != task_name:
-        raise DiffusionMICError(f"model '{card.name}' is a {card.task} model, not a {task_name} model")
+    card, network = _base(task_name, model, out)
     volume = scan if isinstance(scan, Volume) else read_volume(scan)
     card.training = {**card.training, "channels": ["scan"], "noise_range": None,
                      "self_supervised": {"method": "recorrupted-to-recorrupted", "alpha": alpha, "sigma": sigma}}

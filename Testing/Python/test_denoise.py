@@ -191,6 +191,16 @@ def noisier_site(tmp_path_factory):
     return out
 
 
+def site_psnr(site, models: dict) -> dict:
+    """PSNR in the brain of each model's result on the site's held-out T1 scan (phantom_001)."""
+    noisy = read_volume(site / "imagesTr" / "phantom_001_0000.nii.gz")
+    clean = read_volume(site / "cleanTr" / "phantom_001_0000.nii.gz")
+    labels = read_volume(site / "labelsTr" / "phantom_001.nii.gz")
+    brain = labels.with_array((labels.array > 0).astype(np.uint8))
+    return {name: dmic.evaluate("denoise", dmic.denoise(noisy, model).outputs["output"], clean, brain)["psnr"]
+            for name, model in models.items()}
+
+
 def test_lora_finetune_adapts_to_a_noisier_site_and_leaves_the_base(tiny_model, noisier_site, tmp_path, capsys):
     from DiffusionMICLib.cli import main as cli_main
     from DiffusionMICLib.models import load_model
@@ -209,12 +219,7 @@ def test_lora_finetune_adapts_to_a_noisier_site_and_leaves_the_base(tiny_model, 
     assert 0 < tuned["trainable_parameters"] < 0.3 * tuned["parameters"]
     assert card.network == base.network and not any("lora" in k for k in network.state_dict())
     assert (tiny_model / "model.safetensors").read_bytes() == base_weights
-    noisy = read_volume(noisier_site / "imagesTr" / "phantom_001_0000.nii.gz")
-    clean = read_volume(noisier_site / "cleanTr" / "phantom_001_0000.nii.gz")
-    labels = read_volume(noisier_site / "labelsTr" / "phantom_001.nii.gz")
-    brain = labels.with_array((labels.array > 0).astype(np.uint8))
-    psnr = {name: dmic.evaluate("denoise", dmic.denoise(noisy, model).outputs["output"], clean, brain)["psnr"]
-            for name, model in (("base", tiny_model), ("tuned", out))}
+    psnr = site_psnr(noisier_site, {"base": tiny_model, "tuned": out})
     print(f"site 12 % noise, held-out scan: PSNR base {psnr['base']:.2f} -> fine-tuned {psnr['tuned']:.2f}")
     assert psnr["tuned"] > psnr["base"] + 0.5
 
@@ -238,12 +243,7 @@ def test_adapt_to_one_noisy_scan_without_its_clean_version(tiny_model, noisier_s
     assert card.training["self_supervised"]["method"] == "recorrupted-to-recorrupted"
     assert card.training["data"] == str(scan) and card.training["finetune"]["base_model"] == load_model(tiny_model)[0].name
     assert (tiny_model / "model.safetensors").read_bytes() == base_weights
-    # the estimate, in model units (2 sigma / scale), against the phantom's nominal 12 % of the brightest tissue
-    noisy, clean = read_volume(scan), read_volume(noisier_site / "cleanTr" / "phantom_001_0000.nii.gz")
-    labels = read_volume(noisier_site / "labelsTr" / "phantom_001.nii.gz")
-    brain = labels.with_array((labels.array > 0).astype(np.uint8))
-    psnr = {name: dmic.evaluate("denoise", dmic.denoise(noisy, model).outputs["output"], clean, brain)["psnr"]
-            for name, model in (("base", tiny_model), ("adapted", out))}
+    psnr = site_psnr(noisier_site, {"base": tiny_model, "adapted": out})
     print(f"12 % scan, self-supervised: PSNR base {psnr['base']:.2f} -> adapted {psnr['adapted']:.2f}")
     assert psnr["adapted"] > psnr["base"] + 0.3
 
