@@ -263,6 +263,16 @@ def _unit(rng: np.random.Generator) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
+def _box(axes, c: np.ndarray, reach: float):
+    """The (z, y, x) slices of the grid voxels within `reach` mm of `c` (RAS mm) along every axis,
+    and their offsets from `c` in mm (z, y, x arrays); (None, None) when the box misses the grid."""
+    box = [np.flatnonzero(np.abs(axes[a] - c[a]) <= reach) for a in range(3)]
+    if any(len(b) == 0 for b in box):
+        return None, None
+    sl = tuple(slice(b[0], b[-1] + 1) for b in box[::-1])
+    return sl, np.meshgrid(axes[2][sl[0]] - c[2], axes[1][sl[1]] - c[1], axes[0][sl[2]] - c[0], indexing="ij")
+
+
 def _blob(rng: np.random.Generator, c: np.ndarray, r: float, axes, resolution: float):
     """A deformed ellipsoid of radius about `r` mm around `c` (RAS mm): (z, y, x) slices, part in [0, 1]."""
     semi = r * np.exp(np.clip(rng.normal(0.0, 0.25, 3), -0.5, 0.5))
@@ -270,13 +280,10 @@ def _blob(rng: np.random.Generator, c: np.ndarray, r: float, axes, resolution: f
     rot = np.linalg.qr(rng.standard_normal((3, 3)))[0]
     lin, quad = rng.normal(0.0, 0.1, 3), rng.normal(0.0, 0.15, (3, 3))
     quad = (quad + quad.T) / 2
-    reach = 1.6 * semi.max() + resolution
-    box = [np.flatnonzero(np.abs(axes[a] - c[a]) <= reach) for a in range(3)]
-    if any(len(b) == 0 for b in box):
+    sl, offsets = _box(axes, c, 1.6 * semi.max() + resolution)
+    if sl is None:
         return None, None
-    sl = tuple(slice(b[0], b[-1] + 1) for b in box[::-1])          # z, y, x
-    local = np.stack(np.meshgrid(axes[2][sl[0]] - c[2], axes[1][sl[1]] - c[1],
-                                 axes[0][sl[2]] - c[0], indexing="ij")[::-1], axis=-1) @ rot
+    local = np.stack(offsets[::-1], axis=-1) @ rot
     dist = np.linalg.norm(local, axis=-1)
     n = local / np.maximum(dist, 1e-6)[..., None]
     rho = np.linalg.norm(local / semi, axis=-1)
@@ -332,8 +339,8 @@ def _lesions(rng: np.random.Generator, kinds: list[str], fractions: np.ndarray, 
         lobes = [(centre, radius)]
         for _ in range(rng.binomial(2, 0.35) if radius > 4.0 else 0):
             lobes.append((centre + 0.7 * radius * _unit(rng), radius * rng.uniform(0.4, 0.7)))
-        values[k], ranges = ANOMALIES[kind]
-        params[k] = [rng.uniform(*ranges[p]) for p in ("T1", "T2", "PD")]
+        values[k] = ANOMALIES[kind][0]
+        params[k] = _tissue_params(rng, kind)
         for c, r in lobes:
             sl, part = _blob(rng, c, r, axes, resolution)
             if sl is None:
@@ -351,14 +358,10 @@ def _push(arrays: np.ndarray, centre: np.ndarray, amplitude: float, width: float
     A voxel at distance d from the centre takes the value found at distance d - u(d) along the
     same ray, u(d) = amplitude exp(-d^2 / (2 width^2)); monotone (no folding) while
     width > 0.61 amplitude. Voxels farther than 4 widths keep their values exactly."""
-    axes = _axes_mm(resolution)
     reach = 4.0 * width
-    box = [np.flatnonzero(np.abs(axes[a] - centre[a]) <= reach) for a in range(3)]
-    if any(len(b) == 0 for b in box):
+    sl, rel = _box(_axes_mm(resolution), centre, reach)
+    if sl is None:
         return arrays
-    sl = tuple(slice(b[0], b[-1] + 1) for b in box[::-1])            # z, y, x
-    rel = np.meshgrid(axes[2][sl[0]] - centre[2], axes[1][sl[1]] - centre[1],
-                      axes[0][sl[2]] - centre[0], indexing="ij")        # z, y, x offsets in mm
     d = np.sqrt(rel[0] ** 2 + rel[1] ** 2 + rel[2] ** 2)
     shrink = np.maximum(d - amplitude * np.exp(-d**2 / (2 * width**2)), 0.0) / np.maximum(d, 1e-6)
     shrink[d > reach] = 1.0                     # u(4 widths) = 3e-4 amplitude: cut off, exactly
@@ -484,6 +487,10 @@ def make_subject(seed: int, *, resolution: float = 2.0, noise: float = 3.0,
             out[ch] = (sum(fi * s for fi, s in zip(fr, per)), per)
         return out
 
+    def textured_abnormal(t1, t2, pd, tx0, tx1):
+        """Abnormal tissue's (T1, T2, PD) with 1.5 x the texture of the healthy tissues."""
+        return t1 * (1.0 + 1.5 * amp * tx0), t2, pd * (1.0 + 1.5 * amp * tx1)
+
     labels = _tissue_labels(fractions)
     inside = (anatomy.sum(0) > 1e-4) | (fractions.sum(0) > 1e-4)
     f = fractions[:, inside]
@@ -503,11 +510,10 @@ def make_subject(seed: int, *, resolution: float = 2.0, noise: float = 3.0,
         lk = lesion[inside][in_lesion]
         par = lparams[owner[inside][in_lesion]]
         gm, wm = f[1][in_lesion], f[2][in_lesion]
-        lt1 = par[:, 0] * (1.0 + 1.5 * amp * tx[0][in_lesion])
-        lpd = par[:, 2] * (1.0 + 1.5 * amp * tx[1][in_lesion])
+        abnormal = textured_abnormal(par[:, 0], par[:, 1], par[:, 2], tx[0][in_lesion], tx[1][in_lesion])
         for ch in CHANNELS:
             s_gm, s_wm = (s[in_lesion] if np.ndim(s) else s for s in mixed[ch][1][1:])
-            s_les = _signal(ch, lt1, par[:, 1], lpd)
+            s_les = _signal(ch, *abnormal)
             clean_in[ch][in_lesion] += lk * ((gm + wm) * s_les - gm * s_gm - wm * s_wm)
         les_label = (lesion >= 0.5) & ((labels == LABELS["GM"]) | (labels == LABELS["WM"]))
         labels[les_label] = lvalues[owner[les_label]]
@@ -516,10 +522,10 @@ def make_subject(seed: int, *, resolution: float = 2.0, noise: float = 3.0,
         brain = np.minimum(f.sum(0), 1.0)
         solid, necrosis = tumour["solid"][inside] * brain, tumour["necrosis"][inside] * brain
         wm_oedema = f[2] * (1.0 - solid) * tumour["oedema"][inside]
-        params = [_tissue_params(rng, n) for n in ("tumour", "oedema", "necrosis")]
+        abnormal = [textured_abnormal(*_tissue_params(rng, n), tx[0], tx[1])
+                    for n in ("tumour", "oedema", "necrosis")]
         for ch in CHANNELS:
-            s_sol, s_oed, s_nec = (_signal(ch, t1 * (1.0 + 1.5 * amp * tx[0]), t2, pd * (1.0 + 1.5 * amp * tx[1]))
-                                   for t1, t2, pd in params)
+            s_sol, s_oed, s_nec = (_signal(ch, *t) for t in abnormal)
             s_wm = mixed[ch][1][2]
             clean_in[ch] = ((1.0 - solid) * mixed[ch][0] + wm_oedema * (s_oed - s_wm)
                             + (solid - necrosis) * s_sol + necrosis * s_nec)

@@ -133,8 +133,7 @@ def _item(ctx: Context, case: Case, part: str) -> dict[str, Any]:
     if ctx.quick:
         volumes, z = cut_slab(volumes, z, QUICK_DEPTH)
     channels = dict(zip(JOINT, volumes[2:]))
-    return {"id": case.id, "key": f"{part}/{case.id}", "test": part.startswith("test"), "flair": channels["FLAIR"],
-            "channels": channels, "lesion": volumes[0], "mask": volumes[1], "z": z,
+    return {"id": case.id, "key": f"{part}/{case.id}", "test": part.startswith("test"), "channels": channels, "lesion": volumes[0], "mask": volumes[1], "z": z,
             "anomalous": bool(volumes[0].array.any())}
 
 
@@ -262,10 +261,11 @@ def write_reference(ctx: Context) -> None:
     """The figure's first row: a lesioned and a healthy test FLAIR, and the reference lesions."""
     test = next(iter(cases(ctx).values()))["test"]
     first = next((i for i in test if i["anomalous"]), test[0])
-    refs = {"FLAIR": first["flair"].array[first["z"]], "lesion": first["lesion"].array[first["z"]].astype(np.float32)}
+    refs = {"FLAIR": first["channels"]["FLAIR"].array[first["z"]],
+            "lesion": first["lesion"].array[first["z"]].astype(np.float32)}
     healthy = next((i for i in test if not i["anomalous"]), None)
     if healthy is not None:
-        refs["healthy FLAIR"] = healthy["flair"].array[healthy["z"]]
+        refs["healthy FLAIR"] = healthy["channels"]["FLAIR"].array[healthy["z"]]
     ctx.out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(ctx.out / "reference.npz", **refs)
 
@@ -374,8 +374,12 @@ def _floor(variant: str) -> Reconstruct:
     (the normalised background, -1), negated (the volume's maximum) or |z-score| (the brain's median;
     one scale per volume, so it ranks voxels as |z| does)."""
     def reconstruct(x: np.ndarray, crop: tuple[slice, ...]) -> list[np.ndarray]:
-        value = {"raw": lambda: -1.0, "negated": lambda: float(x.max()),
-                 "zscore": lambda: float(np.median(x[brain_mask(x + 1.0)[None].repeat(len(x), 0)]))}[variant]()
+        if variant == "raw":
+            value = -1.0
+        elif variant == "negated":
+            value = float(x.max())
+        else:
+            value = float(np.median(x[:, brain_mask(x + 1.0)]))
         return [np.full_like(x, value)]
     return reconstruct
 
