@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -116,14 +115,12 @@ def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[s
                              focus_fraction=float(card.training.get("oversample", 0.0)),
                              augment=task.augment(card))
     progress.start("train", config.max_steps, done=trainer.step)
-    t0 = time.perf_counter()
     trainer.fit(batches, on_step=lambda i, n, loss: progress.advance(loss=f"{loss:.4f}"), cancel=progress.cancel)
     progress.close()
-    wall = time.perf_counter() - t0
+    wall = trainer.seconds      # with a resumed run, the time of the runs before it too
     runs: list[dict[str, Any]] = []
-    if resumed and (out / "model.json").is_file():     # add the earlier runs' training time and commands
+    if resumed and (out / "model.json").is_file():     # the earlier runs' commands
         earlier = read_card(out).training
-        wall += earlier.get("wall_time_s", 0.0)
         runs = earlier.get("runs") or [_run_record(earlier)]
     card.training = {
         **card.training,   # task-specific training settings (noise range, variant, oversampling)

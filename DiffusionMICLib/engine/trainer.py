@@ -104,6 +104,7 @@ class Trainer:
                                            weight_decay=config.weight_decay)
         self.step = 0
         self.losses: list[float] = []
+        self.seconds = 0.0          # training time of every run so far (carried by the checkpoint)
         self.checkpoint_dir = checkpoint_dir
         self.generator = torch.Generator().manual_seed(config.seed * 1000 + self.rank)
         self.amp_dtype = torch.bfloat16 if config.amp and self._bf16_ok() else None
@@ -150,7 +151,7 @@ class Trainer:
         torch.manual_seed(self.config.seed)
         self.network.train()
         losses = []
-        t0 = time.perf_counter()
+        t0, seconds = time.perf_counter(), self.seconds
         while self.step < self.config.max_steps:
             if self.config.time_limit_s is not None and time.perf_counter() - t0 > self.config.time_limit_s:
                 break
@@ -164,6 +165,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.config.grad_clip)
             self.optimizer.step()
             self.step += 1
+            self.seconds = seconds + time.perf_counter() - t0
             # warm-up: copy weights early so the EMA does not average in the random initialisation
             self.ema.update(self.network, 0.0 if self.step <= self.config.ema_start else None)
             losses.append(loss.item())
@@ -185,7 +187,8 @@ class Trainer:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         state = {"network": self.network.state_dict(), "ema": self.ema.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "step": self.step,
-                 "generator": self.generator.get_state(), "losses": torch.tensor(self.losses)}
+                 "generator": self.generator.get_state(), "losses": torch.tensor(self.losses),
+                 "seconds": torch.tensor(self.seconds, dtype=torch.float64)}
         tmp = self.checkpoint_path().with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.checkpoint_path())
@@ -201,6 +204,7 @@ class Trainer:
         self.step = int(state["step"])
         self.generator.set_state(state["generator"])
         self.losses = state["losses"].tolist()
+        self.seconds = float(state["seconds"]) if "seconds" in state else 0.0
         return True
 
     def close(self) -> None:

@@ -46,11 +46,12 @@ def test_resume_continues_where_it_stopped(tmp_path):
     part.save_checkpoint()
     resumed = make(tmp_path / "part", steps=6)
     assert resumed.resume() and resumed.step == 3
+    assert resumed.seconds == pytest.approx(part.seconds) and part.seconds > 0   # the first run's time is kept
     data = batches()
     for _ in range(3):       # the batch stream is the caller's: skip what was consumed
         next(data)
     resumed.fit(data)
-    assert resumed.step == 6
+    assert resumed.step == 6 and resumed.seconds > part.seconds
     for p, q in zip(full.network.parameters(), resumed.network.parameters()):
         assert torch.allclose(p, q, atol=1e-5)
 
