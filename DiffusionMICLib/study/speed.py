@@ -56,8 +56,9 @@ NOTES = [
     "same optimiser, EMA and budget; only the prediction target and the timesteps differ. DiffusionMIC: x0 "
     "prediction on the 4 Fast-DDPM timesteps of its default 4-step sampler. MONAI: epsilon prediction on all "
     "1000 timesteps, noised and called by DiffusionInferer.",
-    "The MONAI path samples with DiffusionInferer.sample and MONAI's DDPMScheduler (linear betas 1e-4 to 0.02, "
-    "1000 steps; clip_sample off, as the DiffusionMIC samplers do not clip) inside the task's own pipeline "
+    "The MONAI path samples with DiffusionInferer.sample and MONAI's DDPMScheduler with its defaults (linear betas "
+    "1e-4 to 0.02, 1000 steps, the x0 estimate clipped to [-1, 1]: without the clipping this network's samples "
+    "diverged, 1.7 dB PSNR against 10.7 dB with it on a 2-slice check) inside the task's own pipeline "
     "(normalisation, crop, post-processing), so only the sampler differs. The other MONAI-recipe rows sample "
     "that same epsilon network with the DiffusionMIC (diffusers) samplers.",
     "Speed-up: the MONAI path's seconds per volume over the row's.",
@@ -109,7 +110,7 @@ class MonaiPath(torch.nn.Module):
         self.net, self.out, self.seed = net, out_channels, seed
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        scheduler = DDPMScheduler(num_train_timesteps=PEER_STEPS, clip_sample=False)
+        scheduler = DDPMScheduler(num_train_timesteps=PEER_STEPS)      # MONAI's defaults: x0 clipped to [-1, 1]
         scheduler.set_timesteps(PEER_STEPS)
         noise = torch.randn(x[:, :self.out].shape, generator=torch.Generator().manual_seed(self.seed)).to(x.device)
         torch.manual_seed(self.seed)     # DDPMScheduler.step draws its variance noise from the global generator
