@@ -80,7 +80,8 @@ def test_quick_speed_study_has_every_row(tmp_path_factory):
     out = tmp_path_factory.mktemp("speed")
     written = run_study("speed", out=out, quick=True)
     doc = json.loads(Path(written["json"]).read_text())
-    assert len(doc["methods"]) == 2 * (1 + 2 * len(speed.SAMPLERS) * len(speed.STEPS))
+    assert [speed.sweep_steps(sub, "dmic") for sub in speed.SUBTASKS] == [(1, 2, 4)] * 2
+    assert len(doc["methods"]) == 2 * (1 + len(speed.SAMPLERS) * (3 + len(speed.STEPS)))
     for sub in speed.SUBTASKS:
         rows = [r for r in doc["methods"].values() if speed.headline_table(sub) in r["tables"]]
         assert len(rows) == 2
