@@ -70,13 +70,14 @@ anomaly = _task_fn("anomaly")
 detect_anomalies = anomaly
 
 
-def generate(model: str | Path, *, count: int = 1, condition: str | None = None, progress=None, cancel=None,
-             **options: Any) -> RunResult:
-    """Sample `count` new volumes (no input; the grid comes from the model card):
-    `generate(model, count=2, condition="lesion", guidance=3.0, seed=0)`; outputs are
-    "output", "2", ... (see DiffusionMICLib.tasks.generate)."""
-    return run("generate", model, [], replace(RunOptions(), count=count, condition=condition, **options),
-               progress=progress, cancel=cancel)
+def generate(model: str | Path, *, count: int = 1, condition: str | None = None, labels: Volume | None = None,
+             progress=None, cancel=None, **options: Any) -> RunResult:
+    """Sample `count` new volumes: `generate(model, count=2, condition="lesion", guidance=3.0, seed=0)`
+    (the grid comes from the model card), or, with a model trained from label maps, images that
+    match a label map on its grid: `generate(model, labels=label_volume)`. Outputs are "output",
+    "2", ... (see DiffusionMICLib.tasks.generate and .from_labels)."""
+    return run("generate", model, [] if labels is None else [labels],
+               replace(RunOptions(), count=count, condition=condition, **options), progress=progress, cancel=cancel)
 
 
 def evaluate(task: str, pred: Volume, ref: Volume, mask: Volume | None = None) -> dict[str, Any]:

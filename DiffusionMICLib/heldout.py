@@ -29,6 +29,7 @@ from .tasks.translate import NORMALISATION as TRANSLATE_SCALE
 from .volume import Geometry, Volume
 
 LESION = 4   # the phantom's lesion label; every abnormal tissue (lesion kinds, tumour) is >= 4
+SEGMENTER = "brain-mri-lesion-segment"   # the bundled segmenter that checks images drawn from label maps
 
 
 @dataclass
@@ -174,6 +175,38 @@ def generate(model: str | Path, cases: list[Case], progress: Progress, count: in
     return Outcome(outputs, metrics, panels)
 
 
+def from_labels(model: str | Path, case: Case, progress: Progress, segmenter: str = SEGMENTER,
+                **options: Any) -> Outcome:
+    """Images drawn for the case's label map: each tissue's median against the case's own images
+    (both in units of their robust scale), and whether `segmenter` recovers the labels from them
+    (its Dice on the drawn images next to its Dice on the real ones)."""
+    card = read_card(resolve_model(model))
+    reference = case.read_label()
+    labels = np.rint(reference.array).astype(int)
+    run = api.generate(model, labels=reference, progress=progress, **options)
+    drawn = {ch: run.outputs[sample_key(0, c, ch)] for c, ch in enumerate(card.outputs)}
+    real = {ch: case.read(ch) for ch in card.outputs}
+    tissues = {name: v for name, v in card.labels.items() if v and np.any(labels == v)}
+
+    def medians(v: Volume) -> dict[str, float]:
+        a = _normalised(v).array
+        return {name: float(np.median(a[labels == value])) for name, value in tissues.items()}
+    metrics: dict[str, Any] = {"tissue_medians": {ch: {"drawn": medians(drawn[ch]), "real": medians(real[ch])}
+                                                  for ch in card.outputs}}
+    seg_card = read_card(resolve_model(segmenter))
+    if set(seg_card.inputs) <= set(card.outputs):
+        def dice(images: dict[str, Volume]) -> dict[str, float]:
+            out = api.segment([images[ch] for ch in seg_card.inputs], segmenter, progress=progress).outputs["output"]
+            per = segmentation_metrics(out, reference, seg_card.labels)["labels"]
+            return {name: per[name]["dice"] for name in tissues if name in per}
+        metrics["segmenter"] = {"model": segmenter, "dice_drawn": dice(drawn), "dice_real": dice(real)}
+    shown = "FLAIR" if "FLAIR" in card.outputs else card.outputs[0]
+    return Outcome({f"from-labels-{ch}": v for ch, v in drawn.items()}, metrics,
+                   [Panel("label map", reference, "labels"), Panel(f"drawn {card.outputs[0]}", drawn[card.outputs[0]]),
+                    Panel(f"drawn {shown}", drawn[shown]), Panel(f"real {shown}", _normalised(real[shown]))],
+                   lesion_centre(case))
+
+
 def mean_metrics(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The mean of every number found at the same place in each run's metrics (other values: the first run's)."""
     first = runs[0]
@@ -198,6 +231,9 @@ def evaluate_model(model: str | Path, data: str | Path, progress: Progress | Non
     info = json.loads((Path(data) / "dataset.json").read_text()).get("phantom", {})
     held = {"data": str(data), "phantom_seed": info.get("seed"), "noise_percent": info.get("noise"),
             "cases": [c.id for c in dataset.cases]}
+    if card.task == "generate" and card.inputs:
+        runs = [from_labels(model, case, progress, **options).metrics for case in dataset.cases]
+        return {**held, "mean": mean_metrics(runs), "per_case": runs}
     if card.task == "generate":
         return {**held, **generate(model, dataset.cases, progress, count=max(2, len(dataset.cases) // 2),
                                    **options).metrics}

@@ -9,7 +9,7 @@ import numpy as np
 
 from .engine.space import robust_scale, scaled_range
 from .errors import DiffusionMICError
-from .models import ModelCard
+from .models import LABEL_INPUT, ModelCard
 from .volume import Volume, resample_to
 
 # Cards written before `input_range` existed: magnitude images (MRI) scaled by their robust scale.
@@ -66,6 +66,8 @@ def intensity_warnings(card: ModelCard, volumes: list[Volume]) -> list[str]:
     margin = RANGE_TOLERANCE * (hi - lo)
     out = []
     for i, v in enumerate(volumes, 1):
+        if card.inputs[i - 1:i] == [LABEL_INPUT]:     # a label map: its task checks the labels
+            continue
         a = v.array.astype(np.float32)
         scale = robust_scale(a, card.normalisation)
         run_lo, run_hi = scaled_range(a, scale)

@@ -20,6 +20,7 @@ from .errors import DiffusionMICError
 CARD = "model.json"
 WEIGHTS = "model.safetensors"
 TASKS = ("generate", "translate", "segment", "denoise", "anomaly")
+LABEL_INPUT = "labels"      # a card input that is a label map, not an image
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -157,17 +157,20 @@ class DiffusionMICLogic(ScriptedLoadableModuleLogic):
         elif not isinstance(inputNodes, (list, tuple)):
             inputNodes = [inputNodes]
         inputNodes = list(inputNodes)
-        if task == "generate":
-            if inputNodes:
-                raise ValueError("generate takes no input volume")
-        else:
-            if not inputNodes or any(n is None for n in inputNodes):
-                raise ValueError(f"{task} needs input volume(s)")
-            for node in inputNodes:
-                if not node.IsA("vtkMRMLScalarVolumeNode"):
-                    raise ValueError(f"'{node.GetName()}' is not a scalar volume")
-            if len({n.GetTransformNodeID() for n in inputNodes}) > 1:
-                raise ValueError("the input volumes are under different transforms: harden the transforms first")
+        card = self.modelCard(model)
+        if task == "generate":      # a model trained from label maps takes one (card inputs: ["labels"])
+            fromLabels = "labels" in ((card or {}).get("inputs") or [])
+            if fromLabels and (len(inputNodes) != 1 or inputNodes[0] is None):
+                raise ValueError("this model generates images from a label map: give one label map volume")
+            if not fromLabels and inputNodes:
+                raise ValueError("generate takes no input volume (this model draws on its own grid)")
+        elif not inputNodes or any(n is None for n in inputNodes):
+            raise ValueError(f"{task} needs input volume(s)")
+        for node in inputNodes:
+            if not node.IsA("vtkMRMLScalarVolumeNode"):
+                raise ValueError(f"'{node.GetName()}' is not a scalar volume")
+        if len({n.GetTransformNodeID() for n in inputNodes}) > 1:
+            raise ValueError("the input volumes are under different transforms: harden the transforms first")
         if sampler is not None and sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}")
         if outputNode is not None:
@@ -176,7 +179,6 @@ class DiffusionMICLogic(ScriptedLoadableModuleLogic):
                 raise ValueError(f"the {task} output must be a {wanted}, not {outputNode.GetClassName()}")
             if outputNode in inputNodes:
                 raise ValueError("the output node is one of the inputs: choose another output")
-        card = self.modelCard(model)
         options = {"sampler": sampler, "steps": steps, "seed": seed, "strength": strength, "ensemble": ensemble,
                    "guidance": guidance, "device": device}
         if task == "generate":
@@ -217,9 +219,11 @@ class DiffusionMICLogic(ScriptedLoadableModuleLogic):
         """Blocking `start`: returns the DiffusionMICResult, or raises the backend's error."""
         return self.start(task, inputNodes, model, outputNode, **options).wait()
 
-    def generate(self, model, outputNode=None, count=1, condition=None, **options) -> list:
-        """New volume(s) sampled from `model` (its card gives the grid); returns a list of nodes."""
-        result = self.run("generate", [], model, outputNode, count=count, condition=condition, **options)
+    def generate(self, model, outputNode=None, count=1, condition=None, labelNode=None, **options) -> list:
+        """New volume(s) sampled from `model` (its card gives the grid), or, with a model trained
+        from label maps, images matching `labelNode` on its grid; returns a list of nodes."""
+        inputs = [labelNode] if labelNode is not None else []
+        result = self.run("generate", inputs, model, outputNode, count=count, condition=condition, **options)
         return [node for key, node in result.nodes.items()]
 
     def translate(self, inputNodes, model, outputNode=None, **options):

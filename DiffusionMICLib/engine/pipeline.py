@@ -12,7 +12,7 @@ import torch
 
 from ..datasets import read_dataset
 from ..errors import DiffusionMICError
-from ..models import REPO_ROOT, ModelCard, load_model, read_card, resolve_model, save_model
+from ..models import LABEL_INPUT, REPO_ROOT, ModelCard, load_model, read_card, resolve_model, save_model
 from ..progress import Progress
 from ..tasks import get_task
 from ..volume import Volume, read_volume, write_volume
@@ -99,7 +99,7 @@ def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[s
     torch.manual_seed(config.seed)
     progress.start("load data", len(cases))
     training_cases = task.training_cases(card, dataset, cases)
-    if card.inputs:
+    if card.inputs and LABEL_INPUT not in card.inputs:
         card.input_range = input_range(training_cases, card.input_range if base is not None else None)
     for example in training_cases:
         if example.cond is not None and card.context:

@@ -1,5 +1,6 @@
 """Generation: sample new whole-brain volumes, unconditional or class-conditional with
-classifier-free guidance.
+classifier-free guidance; or images that match a given label map ({"task": {"from_labels":
+true}}: a slice model conditioned on the labels, see from_labels.py).
 
 Scheme: a 3D diffusion UNet over the *whole* volume on a coarse grid (default 4 mm isotropic),
 so a sample is coherent across slices by construction and cheap enough for a CPU (a 2 mm
@@ -56,6 +57,7 @@ from ..metrics import generation_metrics
 from ..models import ModelCard
 from ..progress import Progress
 from ..volume import Geometry, Volume, orient, resample_to
+from . import from_labels
 from .base import RunOptions, RunResult, Task
 
 NORMALISATION = {"method": "percentile", "percentile": 99.5, "value": 1.0}
@@ -97,6 +99,8 @@ class Generate(Task):
 
     def make_card(self, dataset: Dataset, settings: dict[str, Any]) -> ModelCard:
         spec = settings.get("task", {})
+        if spec.get("from_labels"):
+            return from_labels.make_card(dataset, settings)
         mode = spec.get("classes")
         if mode not in CLASS_MODES:
             raise DiffusionMICError(f"generate: classes must be null, 'lesion' or 'modality', got {mode!r}")
@@ -151,6 +155,8 @@ class Generate(Task):
         return out
 
     def training_cases(self, card: ModelCard, dataset: Dataset, cases: list[Case]) -> list[TrainingCase]:
+        if card.inputs:
+            return from_labels.training_cases(card, dataset, cases)
         grid = Geometry.from_dict(card.grid)
         shape = grid.size[::-1]
         centre = np.zeros(shape, bool)
@@ -164,6 +170,8 @@ class Generate(Task):
         return out
 
     def augment(self, card: ModelCard):
+        if card.inputs:
+            return None
         def flip(batch: Batch, generator: torch.Generator) -> Batch:
             which = torch.rand(batch.target.shape[0], generator=generator) < 0.5
             target = batch.target.clone()
@@ -173,8 +181,18 @@ class Generate(Task):
 
     def run(self, card: ModelCard, network: torch.nn.Module, volumes: list[Volume], options: RunOptions,
             progress: Progress, device: torch.device) -> RunResult:
+        if card.inputs:
+            if options.condition is not None:
+                raise DiffusionMICError(f"model '{card.name}' is conditioned by its label map: it takes no --condition")
+            progress.start("generate", 0)
+            drawn = from_labels.samples(card, network, volumes, options, progress, device)
+            progress.close()
+            return RunResult({sample_key(i, c, ch): v for i, sample in enumerate(drawn)
+                              for c, (ch, v) in enumerate(zip(card.outputs, sample))},
+                             {"count": options.count, "channels": card.outputs, "labels": dict(card.labels)})
         if volumes:
-            raise DiffusionMICError("generate takes no input volume: the output grid comes from the model card")
+            raise DiffusionMICError("generate takes no input volume: the output grid comes from the model card "
+                                    "(a model trained from label maps takes one)")
         if not card.grid:
             raise DiffusionMICError(f"model '{card.name}' has no output grid in its card")
         grid = Geometry.from_dict(card.grid)

@@ -127,15 +127,19 @@ def test_bad_input_clear_error_no_output(kind, tiny_model, tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".tmp*"))
 
 
-def test_bad_model_and_options(tiny_model, phantom_dir, tmp_path):
+def test_bad_model_and_options(tiny_model, phantom_dir, tmp_path, capsys):
+    """One line on stderr, exit 2, nothing written (in this process; the first case as a real process too)."""
+    from DiffusionMICLib.cli import main as cli_main
     src = phantom_dir / "imagesTr" / "phantom_000_0000.nii.gz"
     out = tmp_path / "o.nrrd"
-    for args, needle in [(["--model", tmp_path / "nope"], "nope"),
-                         (["--model", tiny_model, "--steps", "0"], "steps"),
+    p = cli("run", "denoise", "--model", tmp_path / "nope", "--input", src, "--output", out, "--progress", "none")
+    assert p.returncode == 2 and "nope" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    for args, needle in [(["--model", tiny_model, "--steps", "0"], "steps"),
                          (["--model", tiny_model, "--strength", "1.5"], "strength"),
                          (["--model", tiny_model, "--device", "cuda:7"], "cuda")]:
-        p = cli("run", "denoise", *args, "--input", src, "--output", out, "--progress", "none")
-        assert p.returncode == 2 and needle in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        code = cli_main(["run", "denoise", *map(str, args), "--input", str(src), "--output", str(out), "--progress", "none"])
+        err = capsys.readouterr().err
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
 
 

@@ -154,11 +154,10 @@ def models(phantom, tmp_path_factory):
              "segment": {"task": {"inputs": ["T1", "FLAIR"]}},
              "anomaly": {"task": {"channels": ["FLAIR"]}},
              "generate": {"grid": {"size": [16, 16, 8], "spacing": [4.0, 4.0, 4.0], "origin": [30.0, 30.0, -10.0],
-                                   "direction": [-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0]}}}
+                                   "direction": [-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0]}},
+             "generate-labels": {"task": {"from_labels": True, "channels": ["T1", "FLAIR"]}}}
     for task, settings in extra.items():
-        if task not in TASKS:
-            continue
-        card = TASKS[task].make_card(dataset, {**json.loads(json.dumps(TINY)), **settings})
+        card = TASKS[task.split("-")[0]].make_card(dataset, {**json.loads(json.dumps(TINY)), **settings})
         network = build_network(card.network)
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():   # MONAI zero-initialises the output conv: give it non-zero outputs
@@ -613,6 +612,10 @@ def test_bad_requests_fail_before_starting(phantom, models):
         logic.start("denoise", [t1], models["denoise"], outputNode=t1)
     with pytest.raises(ValueError, match="sampler"):
         logic.start("denoise", [t1], models["denoise"], sampler="euler")
+    with pytest.raises(ValueError, match="takes no input volume"):
+        logic.start("generate", [t1], models["generate"])
+    with pytest.raises(ValueError, match="from a label map"):
+        logic.start("generate", [], models["generate-labels"])
     assert node_count() == count
 
 
@@ -773,6 +776,16 @@ def test_generate_real_backend(task_runs, models):
         np.testing.assert_allclose(mrml.ijkToRAS(node), grid.ras_affine(), atol=1e-6)
         assert sh_parent(node) == slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(
             slicer.mrmlScene).GetSceneItemID()
+
+
+def test_generate_from_a_label_map_on_its_grid(phantom, models):
+    """A model trained from label maps draws T1 and FLAIR on the label map's own (oblique) grid."""
+    labels = add_volume(crop(phantom[1]["labels"]), "labels", className="vtkMRMLLabelMapVolumeNode")
+    nodes = module.DiffusionMICLogic().generate(models["generate-labels"], labelNode=labels, steps=1)
+    assert len(nodes) == 2
+    for node in nodes:
+        assert node.GetImageData().GetDimensions() == labels.GetImageData().GetDimensions()
+        np.testing.assert_allclose(mrml.ijkToRAS(node), mrml.ijkToRAS(labels), atol=1e-6)
 
 
 # ---- compare ---------------------------------------------------------------------------------
