@@ -31,9 +31,9 @@ from ..engine.space import ModelSpace, from_unit
 from ..errors import DiffusionMICError
 from ..models import LABEL_INPUT, ModelCard
 from ..progress import Progress
-from ..volume import Volume, resample_to
+from ..volume import Volume
 from .base import RunOptions
-from .segment import one_hot
+from .segment import case_labels, dataset_labels, on_model_grid, one_hot
 from .translate import NORMALISATION, SCHEDULE, normalise
 
 
@@ -44,9 +44,7 @@ def make_card(dataset: Dataset, settings: dict[str, Any]) -> ModelCard:
     if missing or not channels:
         raise DiffusionMICError(f"generate: channels {', '.join(missing) or '(none)'} are not in the data set "
                                 f"({', '.join(dataset.channels)})")
-    labels = dict(sorted(dataset.labels.items(), key=lambda kv: kv[1]))
-    if len(labels) < 2 or 0 not in labels.values():
-        raise DiffusionMICError("generation from labels needs the data set's labels (dataset.json), background (0) included")
+    labels = dataset_labels(dataset, "generation from labels")
     context = int(settings.get("context", 1))
     return ModelCard(
         name=settings.get("name", f"generate-{'-'.join(channels)}-from-labels"), task="generate",
@@ -64,24 +62,14 @@ def make_card(dataset: Dataset, settings: dict[str, Any]) -> ModelCard:
     )
 
 
-def _on_model_grid(label: Volume, space: ModelSpace) -> np.ndarray:
-    """Nearest neighbour onto the model grid: exact where that grid is only a reorientation."""
-    return np.rint(resample_to(label, space.model_grid.geometry, interpolation="nearest").array).astype(np.int64)
-
-
 def training_cases(card: ModelCard, dataset: Dataset, cases: list[Case]) -> list[TrainingCase]:
     values = list(card.labels.values())
     variant = card.training.get("variant")
     out = []
     for case in cases:
-        if case.label is None:
-            raise DiffusionMICError(f"generation from labels needs label maps: case {case.id} has none")
         images = [case.read(ch, variant) for ch in card.outputs]
-        label = case.read_label()
-        if not label.geometry.same_as(images[0].geometry, tol=1e-3):
-            raise DiffusionMICError(f"case {case.id}: the label map is not on the images' voxel grid")
         space = ModelSpace.enter(images, card.orientation, card.spacing)
-        lab = _on_model_grid(label, space)
+        lab = case_labels(case, images, space, "generation from labels")
         out.append(TrainingCase(target=normalise(space.arrays, card.normalisation), cond=one_hot(lab, values),
                                 foreground=lab > 0))
     return out
@@ -112,7 +100,7 @@ def samples(card: ModelCard, network: torch.nn.Module, volumes: list[Volume], op
     label = volumes[0]
     check_label_map(label, card)
     space = ModelSpace.enter([label.with_array(label.array.astype(np.float32))], card.orientation, card.spacing)
-    lab = _on_model_grid(label, space)
+    lab = on_model_grid(label, space)
     if not np.any(lab > 0):
         raise DiffusionMICError("the label map is empty: it holds no label but background")
     cond = one_hot(lab, list(card.labels.values()))

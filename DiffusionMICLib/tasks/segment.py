@@ -45,6 +45,30 @@ def one_hot(labels: np.ndarray, values: list[int]) -> np.ndarray:
     return np.stack([(labels == v) for v in values]).astype(np.float32) * 2.0 - 1.0
 
 
+def dataset_labels(dataset: Dataset, who: str) -> dict[str, int]:
+    """The data set's labels by value; `who` needs at least two, background (0) included."""
+    labels = dict(sorted(dataset.labels.items(), key=lambda kv: kv[1]))
+    if len(labels) < 2 or 0 not in labels.values():
+        raise DiffusionMICError(f"{who} needs the data set's labels (dataset.json), background (0) included")
+    return labels
+
+
+def on_model_grid(label: Volume, space: ModelSpace) -> np.ndarray:
+    """A label map nearest-neighbour onto the model grid (exact when that grid is only a
+    reorientation), as integers."""
+    return np.rint(resample_to(label, space.model_grid.geometry, interpolation="nearest").array).astype(np.int64)
+
+
+def case_labels(case: Case, images: list[Volume], space: ModelSpace, who: str) -> np.ndarray:
+    """The case's label map, checked to lie on its images' grid, on the model grid."""
+    if case.label is None:
+        raise DiffusionMICError(f"{who} needs label maps: case {case.id} has none")
+    label = case.read_label()
+    if not label.geometry.same_as(images[0].geometry, tol=1e-3):
+        raise DiffusionMICError(f"case {case.id}: the label map is not on the images' voxel grid")
+    return on_model_grid(label, space)
+
+
 def class_probabilities(draws: list[np.ndarray]) -> np.ndarray:
     """Mean over draws of the [0, 1] class scores, normalised to sum to 1 per voxel (C, z, y, x)."""
     p = np.mean([np.clip((d + 1.0) / 2.0, 0.0, 1.0) for d in draws], axis=0)
@@ -78,9 +102,7 @@ class Segment(Task):
         if missing or not inputs:
             raise DiffusionMICError(f"segment: inputs {missing or inputs} are not channels of the data set "
                                     f"({', '.join(dataset.channels)})")
-        labels = dict(sorted(dataset.labels.items(), key=lambda kv: kv[1]))
-        if len(labels) < 2 or 0 not in labels.values():
-            raise DiffusionMICError("segment needs the data set's labels (dataset.json), background (0) included")
+        labels = dataset_labels(dataset, "segment")
         unknown = [name for name in spec.get("focus", []) if name not in labels]
         if unknown:
             raise DiffusionMICError(f"segment: focus labels {unknown} are not labels of the data set ({', '.join(labels)})")
@@ -102,17 +124,10 @@ class Segment(Task):
         values = list(card.labels.values())
         out = []
         for case in cases:
-            if case.label is None:
-                raise DiffusionMICError(f"segment training needs label maps: case {case.id} has none")
             images = [case.read(ch) for ch in card.inputs]
-            label = case.read_label()
-            if not label.geometry.same_as(images[0].geometry, tol=1e-3):
-                raise DiffusionMICError(f"case {case.id}: the label map is not on the images' voxel grid")
             space = ModelSpace.enter(images, card.orientation, card.spacing)
-            # nearest neighbour onto the model grid: exact when that grid is only a reorientation
-            lab = resample_to(label, space.model_grid.geometry, interpolation="nearest").array
+            lab = case_labels(case, images, space, "segment training")
             fg = (lab > 0) | np.any([foreground(a) for a in space.arrays], axis=0)
-            lab = np.rint(lab).astype(np.int64)
             focus = [np.argwhere(lab == card.labels[name]) for name in card.training.get("focus", [])]
             out.append(TrainingCase(target=one_hot(lab, values), cond=normalise(space.arrays, card.normalisation),
                                     foreground=fg, focus=focus))
