@@ -233,7 +233,7 @@ class DiffusionMICWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return   # the parameter node was completed: its Modified event shows it again
             if p.task not in self._jobs:
                 inputs = list(getattr(pn, f"{p.task}Inputs")) if p.takesInputs else []
-                ready, why = panels.canApply(p, getattr(pn, f"{p.task}Model"), inputs)
+                ready, why = panels.canApply(p, getattr(pn, f"{p.task}Model"), inputs, self._views[p.task].slots)
                 button = self._widget(p.task, "ApplyButton")
                 button.enabled, button.toolTip = ready, _(why)
         if "compare" not in self._jobs:
@@ -274,7 +274,7 @@ class DiffusionMICWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         sampling = {key: getattr(getattr(pn, task), key) for key in catalog.FALLBACK_DEFAULTS}
         extras = {name: getattr(pn, f"{task}{name[0].upper()}{name[1:]}") for name in p.extraOptions}
         options = panels.runOptions(p, sampling, extras, pn.device)
-        inputs = list(getattr(pn, f"{task}Inputs")) if p.takesInputs else []
+        inputs = list(getattr(pn, f"{task}Inputs"))[:len(self._views[task].slots)] if p.takesInputs else []
         self._toggleRun(task, lambda: self.logic.start(
             task, inputs, getattr(pn, f"{task}Model"), outputNode=getattr(pn, f"{task}Output"),
             onProgress=lambda j: self._onProgress(task, j), onFinished=lambda r: self._onFinished(task, r),

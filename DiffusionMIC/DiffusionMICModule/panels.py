@@ -20,6 +20,7 @@ class Panel:
     task: str
     title: str
     takesInputs: bool = True
+    unnamedInput: bool = True             # a card naming no inputs gets one unnamed selector
     outputClass: str = "vtkMRMLScalarVolumeNode"
     extraOptions: tuple[str, ...] = ()    # parameter-node fields passed to Logic.start by name
     feedsCompare: bool = True             # a finished run fills the Compare panel
@@ -27,13 +28,15 @@ class Panel:
 
 
 PANELS: tuple[Panel, ...] = (
-    Panel("generate", "Generate", takesInputs=False, extraOptions=("count", "condition"), feedsCompare=False),
+    # generate: no input, or the label map of a model trained from label maps (card inputs ["labels"])
+    Panel("generate", "Generate", unnamedInput=False, extraOptions=("count", "condition"), feedsCompare=False),
     Panel("translate", "Modality conversion"),
     Panel("segment", "Segment", outputClass="vtkMRMLSegmentationNode"),
     Panel("denoise", "Denoise", extraOptions=("adapt",)),
     Panel("anomaly", "Anomaly detection", showsScore=True),
 )
 TASKS: tuple[str, ...] = tuple(p.task for p in PANELS)
+LABELS = "labels"      # the card's input name for a label map (DiffusionMICLib.models.LABEL_INPUT)
 
 
 def panel(task: str) -> Panel:
@@ -51,11 +54,19 @@ class InputSlot:
     contrast: str          # the card's input name ("T1", "FLAIR", ...); "" if the card names none
 
     @property
+    def isLabelMap(self) -> bool:
+        return self.contrast == LABELS
+
+    @property
     def label(self) -> str:
+        if self.isLabelMap:
+            return "Label map:"
         return f"Input ({self.contrast}):" if self.contrast else "Input volume:"
 
     @property
     def toolTip(self) -> str:
+        if self.isLabelMap:
+            return "The label map to draw images for (the labels the model was trained with)"
         if self.contrast:
             return f"The {self.contrast} volume (input {self.index + 1} of the model)"
         return "The input volume"
@@ -73,12 +84,13 @@ class ModelView:
 
 
 def inputSlots(p: Panel, card: dict[str, Any] | None) -> tuple[InputSlot, ...]:
-    """One slot per input the model's card names (any number); one unnamed slot without a card."""
+    """One slot per input the model's card names (any number); one unnamed slot without a card
+    (none for a panel without unnamedInput)."""
     if not p.takesInputs:
         return ()
     names = [str(n) for n in (card or {}).get("inputs") or []]
     if not names:
-        return (InputSlot(0, ""),)
+        return (InputSlot(0, ""),) if p.unnamedInput else ()
     return tuple(InputSlot(i, name) for i, name in enumerate(names))
 
 
@@ -97,15 +109,19 @@ def _words(name: str) -> list[str]:
     return [w.lower() for w in re.split(r"[\s_\-.]+", name) if w]
 
 
-def matchInputs(slots: Iterable[InputSlot], volumes: list[tuple[str, Any]], current: list[Any] | None = None) -> list:
+def matchInputs(slots: Iterable[InputSlot], volumes: list[tuple[str, Any]], current: list[Any] | None = None,
+                labelMaps: list[tuple[str, Any]] = ()) -> list:
     """A volume for each slot: the current choice if there is one, else the volume whose name
     ends with the slot's contrast ("... T1"), else one whose name holds it as a word; unnamed
-    slots take the first volume. `volumes` is [(name, node)] in scene order."""
+    slots take the first volume, a label-map slot the first label map. `volumes` and
+    `labelMaps` are [(name, node)] in scene order."""
     current = list(current or [])
     chosen = []
     for slot in slots:
         node = current[slot.index] if slot.index < len(current) else None
-        if node is None and slot.contrast:
+        if node is None and slot.isLabelMap:
+            node = labelMaps[0][1] if labelMaps else None
+        elif node is None and slot.contrast:
             wanted = slot.contrast.lower()
             last = [v for n, v in volumes if _words(n)[-1:] == [wanted]]
             anywhere = [v for n, v in volumes if wanted in _words(n)]
@@ -132,10 +148,10 @@ def runOptions(p: Panel, sampling: dict[str, Any], extras: dict[str, Any], devic
     return options
 
 
-def canApply(p: Panel, model: str, inputs: list) -> tuple[bool, str]:
-    """Whether Apply can run, and the button's tooltip saying why not."""
+def canApply(p: Panel, model: str, inputs: list, slots: tuple[InputSlot, ...]) -> tuple[bool, str]:
+    """Whether Apply can run with `inputs` for the model's `slots`, and the button's tooltip saying why not."""
     if not model:
         return False, "Choose a model"
-    if p.takesInputs and (not inputs or not all(inputs)):
-        return False, "Choose the input volume(s)"
+    if len(inputs) < len(slots) or not all(inputs[:len(slots)]):
+        return False, "Choose the label map" if any(s.isLabelMap for s in slots) else "Choose the input volume(s)"
     return True, f"Run {p.title}"

@@ -124,8 +124,11 @@ class PanelView:
         self.selectors = []
         for slot in slots:
             selector = slicer.qMRMLNodeComboBox()
-            selector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
-            selector.showChildNodeTypes = False   # no label maps
+            if slot.isLabelMap:
+                selector.nodeTypes = ["vtkMRMLLabelMapVolumeNode"]
+            else:
+                selector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+                selector.showChildNodeTypes = False   # no label maps
             selector.selectNodeUponCreation = selector.addEnabled = selector.removeEnabled = False
             selector.noneEnabled = True
             selector.setMRMLScene(slicer.mrmlScene)
@@ -141,9 +144,10 @@ class PanelView:
         if slots != self.slots:
             self._buildSelectors(slots)
         current = list(getattr(pn, f"{self.task}Inputs"))
-        volumes = [(n.GetName(), n) for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
-                   if not n.IsA("vtkMRMLLabelMapVolumeNode")]
-        chosen = panels.matchInputs(slots, volumes, current)
+        nodes = slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+        volumes = [(n.GetName(), n) for n in nodes if not n.IsA("vtkMRMLLabelMapVolumeNode")]
+        labelMaps = [(n.GetName(), n) for n in nodes if n.IsA("vtkMRMLLabelMapVolumeNode")]
+        chosen = panels.matchInputs(slots, volumes, current, labelMaps)
         if chosen != current:
             setattr(pn, f"{self.task}Inputs", chosen)
             return False

@@ -37,6 +37,7 @@ class DiffusionMICParameterNode:
     device: Annotated[str, Choice(DEVICES)] = "auto"
 
     generateModel: str = ""
+    generateInputs: list[vtkMRMLScalarVolumeNode]       # the label map, for models trained from label maps
     generateCount: Annotated[int, WithinRange(1, 16)] = 1
     generateCondition: str = ""
     generate: DiffusionMICSampling

@@ -30,11 +30,11 @@ def test_four_input_segmentation_model_gets_four_labelled_selectors():
                                          "DiffusionMIC phantom T1", "DiffusionMIC phantom T2", "my_pd_scan")]
     chosen = panels.matchInputs(view.slots, volumes)
     assert chosen == ["DiffusionMIC phantom T1", "DiffusionMIC phantom T2", "my_pd_scan", "DiffusionMIC phantom FLAIR"]
-    ok, why = panels.canApply(panels.panel("segment"), "brain-mri-lesion-segment", chosen)
+    ok, why = panels.canApply(panels.panel("segment"), "brain-mri-lesion-segment", chosen, view.slots)
     assert ok and why == "Run Segment"
     # The user's own choice stays; a contrast no volume is named after stays empty.
     assert panels.matchInputs(view.slots, volumes[:2], current=["mine"]) == ["mine", None, None, volumes[1][1]]
-    assert panels.canApply(panels.panel("segment"), "brain-mri-lesion-segment", ["a", None, "c", "d"]) == (
+    assert panels.canApply(panels.panel("segment"), "brain-mri-lesion-segment", ["a", None, "c", "d"], view.slots) == (
         False, "Choose the input volume(s)")
 
 
@@ -44,10 +44,29 @@ def test_slots_without_a_card_and_for_generate():
     assert panels.matchInputs(panels.inputSlots(panels.panel("denoise"), None), [("a", 1), ("b", 2)]) == [1]
     view = panels.describeModel(panels.panel("generate"), "brain-mri-generate", GENERATE_CARD)
     assert view.slots == () and view.conditions == ("healthy", "lesion")
-    assert panels.canApply(panels.panel("generate"), "brain-mri-generate", []) == (True, "Run Generate")
+    assert panels.canApply(panels.panel("generate"), "brain-mri-generate", [], view.slots) == (True, "Run Generate")
     empty = panels.describeModel(panels.panel("translate"), "", None)
     assert empty.info == "No translate model in the catalog yet." and empty.defaults == catalog.FALLBACK_DEFAULTS
-    assert panels.canApply(panels.panel("translate"), "", ["x"]) == (False, "Choose a model")
+    assert panels.canApply(panels.panel("translate"), "", ["x"], empty.slots) == (False, "Choose a model")
+
+
+def test_generate_from_labels_takes_one_label_map():
+    """A model trained from label maps (card inputs ["labels"]) gets one label-map selector,
+    filled with the scene's first label map, never with an intensity volume."""
+    fromLabels = panels.describeModel(panels.panel("generate"), "labels-model", {"inputs": [panels.LABELS]})
+    assert fromLabels.slots == (panels.InputSlot(0, "labels"),) and fromLabels.slots[0].isLabelMap
+    assert fromLabels.slots[0].label == "Label map:"
+    volumes, labelMaps = [("T1", "t1-node")], [("seg", "seg-node"), ("other", "other-node")]
+    assert panels.matchInputs(fromLabels.slots, volumes, [], labelMaps) == ["seg-node"]
+    assert panels.matchInputs(fromLabels.slots, volumes, [], []) == [None]
+    assert panels.matchInputs(fromLabels.slots, volumes, ["other-node"], labelMaps) == ["other-node"]
+    assert panels.canApply(panels.panel("generate"), "labels-model", [None], fromLabels.slots) == (
+        False, "Choose the label map")
+    assert panels.canApply(panels.panel("generate"), "labels-model", [], fromLabels.slots)[0] is False
+    assert panels.canApply(panels.panel("generate"), "labels-model", ["seg-node"], fromLabels.slots)[0] is True
+    # Back to a plain generator: no selector, and the label map chosen before is not carried.
+    plain = panels.inputSlots(panels.panel("generate"), GENERATE_CARD)
+    assert plain == () and panels.carryInputs(fromLabels.slots, ["seg-node"], plain) == []
 
 
 def test_another_model_keeps_the_volumes_of_the_same_contrast():
