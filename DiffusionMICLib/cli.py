@@ -108,7 +108,8 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
         volumes = [read_volume(p) for p in args.input or []]
         options = RunOptions(sampler=args.sampler, steps=args.steps, seed=args.seed, device=args.device,
                              strength=args.strength, ensemble=args.ensemble, guidance=args.guidance,
-                             count=args.count, condition=args.condition, batch_size=args.batch_size)
+                             count=args.count, condition=args.condition, batch_size=args.batch_size,
+                             sigma=args.sigma)
         if args.adapt:
             result = _run_adapted(args, volumes, options)
         else:
@@ -308,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--count", type=int, default=1, help="generate: number of volumes")
     sp.add_argument("--condition", help="generate: class to draw (default: unconditional)")
     sp.add_argument("--batch-size", type=int, default=16, help="slices per batch (2D models)")
+    sp.add_argument("--sigma", type=float,
+                    help="denoise, models conditioned on the noise level: the input's noise standard deviation in "
+                         "its own units (default: estimated from the input)")
     sp.add_argument("--uncertainty", help="segment: where to write the uncertainty map (default: beside --output)")
     sp.add_argument("--mask", help="anomaly: where to write the thresholded mask (default: beside --output)")
     sp.add_argument("--adapt", type=int, default=0,

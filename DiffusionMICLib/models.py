@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .engine.network import build_network
+from .engine.latent import build_model
 from .engine.schedule import NoiseSchedule
 from .errors import DiffusionMICError
 
@@ -47,6 +47,7 @@ class ModelCard:
     patch: list[int] | None = None       # training crop (2D slice crop or 3D patch)
     context: int = 0                     # 2D models: neighbouring slices each side added to the conditioning
     grid: dict[str, Any] | None = None   # generate: output size/spacing
+    latent: dict[str, Any] | None = None   # latent diffusion: the autoencoder (engine/latent.py)
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     licence: str = "Apache-2.0"
@@ -138,7 +139,7 @@ def load_model(model: str | Path, device: torch.device | str = "cpu") -> tuple[M
     digest = sha256_file(weights)
     if digest != card.sha256:
         raise DiffusionMICError(f"model '{folder}': weights SHA-256 {digest[:12]}… does not match the card's {card.sha256[:12]}…")
-    network = build_network(card.network)
+    network = build_model(card.network, card.latent)
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
     network.load_state_dict(state)
     return card, network.to(device).eval()

@@ -140,13 +140,15 @@ class DiffusionMICLogic(ScriptedLoadableModuleLogic):
 
     def start(self, task, inputNodes, model, outputNode=None, *, sampler=None, steps=None, seed=None,
               strength=None, ensemble=None, guidance=None, count=None, condition=None, device=None, adapt=None,
-              show=True, onProgress=None, onFinished=None, onError=None) -> DiffusionMICJob:
+              sigma=None, show=True, onProgress=None, onFinished=None, onError=None) -> DiffusionMICJob:
         """Start `diffusion-mic run TASK` on the input nodes in the background; returns the job.
 
         None options take the model card's defaults. `adapt` (denoise): self-supervised steps that
-        first fit a temporary copy of the model to the input (`run --adapt`); 0 or None: none. The inputs are written to a temporary
-        folder (removed afterwards); the results are brought into the scene when the job is
-        polled after the backend has finished.
+        first fit a temporary copy of the model to the input (`run --adapt`); 0 or None: none.
+        `sigma` (denoise): the input's noise standard deviation for a model told the noise level
+        (`run --sigma`; None: estimated). The inputs are written to a temporary folder (removed
+        afterwards); the results are brought into the scene when the job is polled after the
+        backend has finished.
         """
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
@@ -187,6 +189,10 @@ class DiffusionMICLogic(ScriptedLoadableModuleLogic):
             if task != "denoise":
                 raise ValueError("only denoise adapts to the scan (adapt)")
             options["adapt"] = int(adapt)
+        if sigma is not None:
+            if task != "denoise":
+                raise ValueError("only denoise takes the input's noise level (sigma)")
+            options["sigma"] = float(sigma)
 
         def writeInputs(folder):
             for i, node in enumerate(inputNodes):

@@ -19,7 +19,7 @@ from ..volume import Volume, read_volume, write_volume
 from .batches import TrainingCase, random_batches
 from .inference import stack_neighbours
 from .lora import add_lora, merge_lora, parameter_counts
-from .network import build_network
+from .latent import build_model, prepare
 from .sampling import select_device
 from .space import scaled_range
 from .trainer import TrainConfig, Trainer
@@ -86,12 +86,12 @@ def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[s
         card, network = base
         finetuned = {"base_model": card.name, "base_sha256": card.sha256, "lora_rank": lora_rank}
         card = ModelCard.from_dict({**card.to_dict(), "metrics": {}, "sha256": ""})
-        if lora_rank:
-            network = add_lora(network, lora_rank)
-        finetuned["trainable_parameters"], finetuned["parameters"] = parameter_counts(network)
     else:
         card = task.make_card(dataset, settings)
-        network = build_network(card.network)
+        if "autoencoder" in settings and not card.latent:
+            raise DiffusionMICError(f"'autoencoder' settings (latent diffusion) are for whole-volume generation "
+                                    f"models only, not {task_name} models")
+        network = build_model(card.network, card.latent)
     tc = {**card.training.get("config", {}), **settings.get("train", {})}
     config = TrainConfig(**{k: v for k, v in tc.items() if k in TrainConfig.__dataclass_fields__})
     if max_steps is not None:
@@ -106,9 +106,16 @@ def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[s
             example.cond = stack_neighbours(example.cond, card.context)
     progress.advance(len(cases))
     out = Path(out)
+    if card.latent:     # stage 1 (the autoencoder), then the UNet learns the cases' latents
+        training_cases = prepare(card.latent, network, training_cases, out / "autoencoder", card.noise_schedule,
+                                 dev, progress)
+    if base is not None:
+        if lora_rank:
+            network = add_lora(network, lora_rank)
+        finetuned["trainable_parameters"], finetuned["parameters"] = parameter_counts(network)
     trainer = trainer_cls(network, card.noise_schedule, config, dev,
                       num_classes=len(card.classes) or None, checkpoint_dir=out / "checkpoint",
-                      noise_fn=task.training_noise(card, dev))
+                      noise_fn=task.training_noise(card, dev), x0_loss=task.training_loss(card))
     resumed = resume and trainer.resume()
     batches = random_batches(training_cases, spatial_dims=card.spatial_dims, patch=card.patch,
                              batch_size=config.batch_size, seed=config.seed * 7919 + trainer.rank + trainer.step,

@@ -85,7 +85,8 @@ class Trainer:
     def __init__(self, network: torch.nn.Module, schedule: NoiseSchedule, config: TrainConfig,
                  device: torch.device, num_classes: int | None = None,
                  checkpoint_dir: Path | None = None,
-                 noise_fn: Callable[[tuple[int, ...], torch.Generator], torch.Tensor] | None = None):
+                 noise_fn: Callable[[tuple[int, ...], torch.Generator], torch.Tensor] | None = None,
+                 x0_loss: Callable[[torch.Tensor, Batch], torch.Tensor] | None = None):
         self.rank, self.world = distributed_env()
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -110,6 +111,10 @@ class Trainer:
         self.amp_dtype = torch.bfloat16 if config.amp and self._bf16_ok() else None
         # the forward process's noise: noise_fn(shape, generator) (e.g. simplex), else Gaussian
         self.noise_fn = noise_fn
+        # a task's term on the x0 prediction, added to the MSE (x0-prediction models only)
+        self.x0_loss = x0_loss
+        if x0_loss is not None and schedule.prediction_type != "sample":
+            raise DiffusionMICError("a loss on the x0 prediction needs prediction_type 'sample'")
 
     def _bf16_ok(self) -> bool:
         # CUDA only: bf16 autocast measured about 2x slower than float32 on this CPU.
@@ -135,7 +140,8 @@ class Trainer:
             kwargs["class_labels"] = labels
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             pred = self.model(inp, t, **kwargs)
-        return torch.nn.functional.mse_loss(pred.float(), target)
+        loss = torch.nn.functional.mse_loss(pred.float(), target)
+        return loss if self.x0_loss is None else loss + self.x0_loss(pred.float(), batch)
 
     def learning_rate(self, step: int) -> float:
         """The learning rate of step `step` (0-based). A function of the step alone, not a
@@ -188,7 +194,7 @@ class Trainer:
         state = {"network": self.network.state_dict(), "ema": self.ema.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "step": self.step,
                  "generator": self.generator.get_state(), "losses": torch.tensor(self.losses),
-                 "seconds": torch.tensor(self.seconds, dtype=torch.float64)}
+                 "seconds": torch.tensor(self.seconds, dtype=torch.float64), "extra": self.extra_state()}
         tmp = self.checkpoint_path().with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.checkpoint_path())
@@ -205,7 +211,15 @@ class Trainer:
         self.generator.set_state(state["generator"])
         self.losses = state["losses"].tolist()
         self.seconds = float(state["seconds"]) if "seconds" in state else 0.0
+        self.load_extra_state(state.get("extra", {}))
         return True
+
+    def extra_state(self) -> dict:
+        """What a subclass adds to the checkpoint (e.g. a discriminator and its optimiser)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what extra_state saved."""
 
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():

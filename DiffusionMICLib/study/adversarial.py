@@ -1,42 +1,16 @@
 """Adversarial training for the study's GAN baselines (pix2pix, CycleGAN, the 3D generator):
 MONAI PatchDiscriminators and PatchAdversarialLoss (least squares) inside the engine's trainer
 (AdamW, EMA, clipping and learning-rate schedule for the generator). Each generator step first
-takes one discriminator step (Adam, lr 2e-4, betas (0.5, 0.999), as in pix2pix and CycleGAN)."""
+takes one discriminator step (engine.adversarial.Critic)."""
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from monai.losses import PatchAdversarialLoss
 
+from ..engine.adversarial import Critic
 from ..engine.trainer import Batch
-from .learners import SupervisedTrainer, network
-
-D_LR, D_BETAS = 2e-4, (0.5, 0.999)
-
-
-class Critic:
-    """One PatchDiscriminator with its optimiser and the least-squares patch loss."""
-
-    def __init__(self, spec: dict[str, Any], device: torch.device):
-        self.net = network("patch-discriminator", **spec).to(device).train()
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=D_LR, betas=D_BETAS)
-        self.criterion = PatchAdversarialLoss(criterion="least_squares")
-
-    def step(self, real: torch.Tensor, fake: torch.Tensor) -> float:
-        """One discriminator update: real patches towards 1, generated ones towards 0."""
-        self.net.requires_grad_(True)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = 0.5 * (self.criterion(self.net(real)[-1], target_is_real=True, for_discriminator=True)
-                      + self.criterion(self.net(fake.detach())[-1], target_is_real=False, for_discriminator=True))
-        loss.backward()
-        self.optimizer.step()
-        self.net.requires_grad_(False)      # the generator's loss below trains only the generator
-        return float(loss.detach())
-
-    def fooled(self, fake: torch.Tensor) -> torch.Tensor:
-        """The generator's adversarial loss: generated patches judged real."""
-        return self.criterion(self.net(fake)[-1], target_is_real=True, for_discriminator=False)
+from .learners import SupervisedTrainer
 
 
 class AdversarialTrainer(SupervisedTrainer):

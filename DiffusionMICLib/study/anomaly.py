@@ -87,6 +87,9 @@ RECIPE: dict[str, Any] = {
 }
 QUICK_NETWORK = {"channels": [16, 32], "attention_levels": [False, False], "norm_num_groups": 16}
 GAUSSIAN = {"noise": {"type": "gaussian"}}
+# pDDPM-style masking (tasks/anomaly.py): 16-voxel (32 mm) boxes redrawn from their surroundings, on the
+# joint contrasts, Gaussian noise (pDDPM's; it also beat simplex on FLAIR here).
+MASKED = {"channels": JOINT, "masked": {"box": 16}, **GAUSSIAN}
 
 # Baseline networks (learners.network specs): full, quick.
 AE = ({"channels": (32, 64, 128), "strides": (2, 2, 2), "num_res_units": 1},
@@ -465,6 +468,8 @@ def methods(quick: bool) -> list[Method]:
                _fit_diffusion(GAUSSIAN)),
         Method("diffusion-joint", f"Diffusion, {', '.join(JOINT)} jointly (simplex)", "diffusion", _eval_diffusion,
                _fit_diffusion({"channels": JOINT})),
+        Method("diffusion-masked", f"Diffusion, {', '.join(JOINT)} jointly, 32 mm boxes redrawn from their "
+               "surroundings (pDDPM-style, Gaussian)", "diffusion", _eval_diffusion, _fit_diffusion(MASKED)),
         Method("diffusion-bundled", f"Diffusion, bundled {BUNDLED} (simplex)", "diffusion", _eval_bundled,
                note=bundled_note(BUNDLED)),
         Method("ae", "Autoencoder reconstruction (MONAI AutoEncoder)", "learned", _eval_reconstruction,

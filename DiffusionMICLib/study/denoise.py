@@ -161,12 +161,17 @@ def write_reference(ctx: Context) -> None:
 
 # ---- methods --------------------------------------------------------------------------------------
 
-def _fit_diffusion(ctx: Context, folder: Path) -> dict[str, Any]:
+def _fit_diffusion(ctx: Context, folder: Path, **task: Any) -> dict[str, Any]:
+    """The bundled recipe at the study's budget; `task` overrides its "task" settings."""
     card = train(TASK, ctx.data.train_dir, folder / "model", device=str(ctx.device),
-                 settings=budget_recipe(ctx, RECIPE, QUICK_NETWORK),
+                 settings=budget_recipe(ctx, RECIPE, QUICK_NETWORK, **task),
                  progress=ctx.progress, resume=True)
     t = card.training
     return {"steps": t["steps"], "batch_size": t["config"]["batch_size"], "wall_time_s": t["wall_time_s"]}
+
+
+def _fit_noise_map(ctx: Context, folder: Path) -> dict[str, Any]:
+    return _fit_diffusion(ctx, folder, noise_map=True)
 
 
 def _model_denoiser(ctx: Context, model: str | Path, **options: Any) -> Callable[[Volume, float], Volume]:
@@ -278,6 +283,8 @@ def _eval_identity(ctx: Context, folder: Path) -> Evaluation:
 def methods(quick: bool) -> list[Method]:
     out = [
         Method("diffusion", "Diffusion (x0, 4 Fast-DDPM steps, 2.5D)", "diffusion", _eval_diffusion, _fit_diffusion),
+        Method("diffusion-noise-map", "Diffusion told the noise level (FFDNet-style map; estimated per scan)",
+               "diffusion", _eval_diffusion, _fit_noise_map),
         Method("diffusion-adapted", "Diffusion, adapted to each scan (self-supervised)", "diffusion", _eval_adapted,
                note="the diffusion row's model; adaptation time included"),
         Method("diffusion-bundled", "Diffusion, bundled brain-mri-denoise", "diffusion", _eval_bundled,

@@ -116,8 +116,6 @@ def network(kind: str, **spec: Any) -> torch.nn.Module:
         return nets.AutoEncoder(spatial_dims=2, **spec)
     if kind == "resnet":
         return nets.ResNet(spatial_dims=2, **spec)
-    if kind == "patch-discriminator":
-        return nets.PatchDiscriminator(**{"spatial_dims": 2, **spec})
     raise ValueError(f"unknown baseline network {kind!r}")
 
 

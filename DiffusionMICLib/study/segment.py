@@ -91,6 +91,7 @@ SEGNET = ({"channels": (32, 64, 128, 256), "strides": (2, 2, 2, 2), "num_res_uni
 # nearest centroid 0.75): DynUNet 0.56 at 1e-3, 0.84 at 1e-2; SwinUNETR 0.75 at 3e-3, 0.84 at 1e-2;
 # an 8-16-32 encoder-decoder 0.48 at 1e-3, 0.72 at 3e-3, 0.78 at 1e-2.
 LR = 1e-2
+DICE_CE = 1.0     # the diffusion-dice-ce row's weight of Dice + CE on the x0 prediction (tasks/segment.py)
 
 
 def _card(ctx: Context) -> ModelCard:
@@ -201,12 +202,17 @@ def write_reference(ctx: Context) -> None:
 
 # ---- diffusion ------------------------------------------------------------------------------------
 
-def _fit_diffusion(ctx: Context, folder: Path) -> dict[str, Any]:
+def _fit_diffusion(ctx: Context, folder: Path, **task: Any) -> dict[str, Any]:
+    """The bundled recipe at the study's budget; `task` overrides its "task" settings."""
     card = train(TASK, ctx.data.train_dir, folder / "model", device=str(ctx.device),
-                 settings=budget_recipe(ctx, RECIPE, QUICK_NETWORK),
+                 settings=budget_recipe(ctx, RECIPE, QUICK_NETWORK, **task),
                  progress=ctx.progress, resume=True)
     t = card.training
     return {"steps": t["steps"], "batch_size": t["config"]["batch_size"], "wall_time_s": t["wall_time_s"]}
+
+
+def _fit_dice_ce(ctx: Context, folder: Path) -> dict[str, Any]:
+    return _fit_diffusion(ctx, folder, dice_ce=DICE_CE)
 
 
 def _model_segmenter(ctx: Context, model: str | Path, **options: Any) -> Callable[[list[Volume]], RunResult]:
@@ -379,6 +385,8 @@ def methods(quick: bool) -> list[Method]:
                _fit_diffusion),
         Method("diffusion-ens5", "Diffusion, ensemble 5", "diffusion", _eval_ensemble,
                note="the ensemble-1 model, 5 draws"),
+        Method("diffusion-dice-ce", "Diffusion + Dice-CE on the x0 prediction, ensemble 1", "diffusion",
+               _eval_diffusion, _fit_dice_ce),
         Method("diffusion-bundled", f"Diffusion, bundled {BUNDLED}", "diffusion", _eval_bundled, note=bundled_note(BUNDLED)),
         Method("nnunet", "nnU-Net stand-in (MONAI DynUNet)", "learned", _eval_baseline, _baseline_fit("dynunet", quick),
                note="nnunetv2 needs torchvision"),

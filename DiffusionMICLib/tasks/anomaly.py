@@ -14,8 +14,8 @@ such a label is taken as all healthy). Training noise and the initial noise of a
 multi-octave simplex noise (`engine.simplex`) as in AnoDDPM; {"task": {"noise": {"type":
 "gaussian"}}} switches both to Gaussian (card.defaults["noise"]).
 
-Run: noise the input to depth `--strength` (card default 0.3 of the schedule), reconstruct with
-the sampler, anomaly map = mean over channels of |input - reconstruction| (normalised units),
+Run: noise the input to depth `--strength` (card default 0.3 of the schedule; 0.5 for a masked
+model), reconstruct with the sampler, anomaly map = mean over channels of |input - reconstruction| (normalised units),
 Gaussian-smoothed (card.defaults["smooth_mm"], sigma in mm), averaged over `--ensemble` draws
 (seeds seed, seed+1, ...) and set to 0 outside the input's foreground (Otsu union over channels,
 holes filled, eroded by card.defaults["erode_mm"] = 2 mm: the brain's outer edge is where a
@@ -26,6 +26,14 @@ of map values inside the foreground (card.defaults["top_fraction"]: lesions are 
 brain, and top 0.1 % separated healthy from lesioned phantom subjects better than top 1 %);
 info["anomalous"] says whether it exceeds card.defaults["score_threshold"]. `detect` makes the
 same map, mask and score from any reconstruction (the study's autoencoder baselines use it).
+
+Masked reconstruction ({"task": {"masked": {"box": B}}}, after pDDPM, Behrendt et al. 2023): the
+model also sees the clean image with a checkerboard of B x B boxes blanked (every other box in y
+and x, random offset; blanked to 0 in [-1, 1] units) and the box mask, and learns to restore the
+whole slice; the blanked boxes can only come from their healthy surroundings. A run makes four
+passes whose boxes together cover each voxel once and keeps each pass's reconstruction inside
+its boxes, so a lesion is redrawn from the tissue around it, not from itself: four times the
+cost of the plain reconstruction.
 
 Thresholds (calibrated after training, `calibrate`): the voxel threshold is the 99.9th
 percentile (card.defaults["threshold_percentile"]) of the map over healthy foreground voxels of
@@ -51,9 +59,10 @@ from ..datasets import Case, Dataset
 from ..engine.batches import TrainingCase
 from ..engine.inference import bounding_box
 from ..engine.network import network_config
-from ..engine.sampling import sample_draws
+from ..engine.sampling import sample_draws, sample_volume
 from ..engine.simplex import DEFAULTS as SIMPLEX_DEFAULTS
 from ..engine.simplex import noise_from_spec
+from ..engine.trainer import Batch
 from ..engine.space import ModelSpace, foreground, robust_scale, to_unit
 from ..errors import DiffusionMICError
 from ..metrics import detection_metrics
@@ -68,6 +77,20 @@ PHANTOM_LESION = 4     # the phantom's (and DESIGN.md's) label value of "lesion"
 
 # reconstruct(x, crop) -> the reconstructions (draws) of x, (C, z, y, x) normalised, each (C, z, y, x)
 Reconstruct = Callable[[np.ndarray, tuple[slice, ...]], Iterable[np.ndarray]]
+
+
+def checker(shape: tuple[int, int], box: int, offset: tuple[int, int]) -> np.ndarray:
+    """(y, x) bool: every other `box` x `box` square in y and in x, shifted by `offset` voxels.
+    Offsets (0, 0), (box, 0), (0, box), (box, box) cover every voxel exactly once."""
+    y = ((np.arange(shape[0]) + offset[0]) // box) % 2 == 0
+    x = ((np.arange(shape[1]) + offset[1]) // box) % 2 == 0
+    return y[:, None] & x[None, :]
+
+
+def blanked(x: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """The conditioning of a masked model: x (C, ..., y, x) with `boxes` set to 0, and the mask in {-1, 1}."""
+    mask = np.broadcast_to(boxes, x.shape[1:])
+    return np.concatenate([np.where(mask, 0.0, x), (mask * 2.0 - 1.0)[None]]).astype(np.float32)
 
 
 def brain_mask(arrays: np.ndarray) -> np.ndarray:
@@ -110,17 +133,22 @@ class Anomaly(Task):
                                     f"({', '.join(dataset.channels)})")
         noise = dict(spec.get("noise", {"type": "simplex", **SIMPLEX_DEFAULTS}))
         noise_from_spec(noise)   # reject a bad spec before training
+        masked = spec.get("masked")
+        if masked is not None and not (isinstance(masked, dict) and int(masked.get("box", 0)) >= 2):
+            raise DiffusionMICError(f"anomaly: 'masked' takes {{\"box\": B}} with B >= 2 voxels, got {masked!r}")
         n = len(channels)
-        defaults = {"strength": 0.3, "ensemble": 1, "noise": noise, "smooth_mm": 2.0, "erode_mm": 2.0,
+        defaults = {"strength": 0.5 if masked else 0.3, "ensemble": 1, "noise": noise, "smooth_mm": 2.0,
+                    "erode_mm": 2.0,
                     "top_fraction": 0.001,
                     "threshold_percentile": 99.9, "threshold": spec.get("threshold"), "score_threshold": None,
-                    "threshold_source": "settings" if spec.get("threshold") is not None else None}
+                    "threshold_source": "settings" if spec.get("threshold") is not None else None,
+                    "masked": {"box": int(masked["box"])} if masked else None}
         return ModelCard(
             name=settings.get("name", f"anomaly-{'-'.join(channels)}"), task=self.name,
             inputs=channels, outputs=["anomaly"],
             description=settings.get("description", f"AnoDDPM-style reconstruction model of healthy "
                                                     f"{' + '.join(channels)} ({noise['type']} noise)."),
-            network=network_config(n, n, **settings.get("network", {})),
+            network=network_config(2 * n + 1 if masked else n, n, **settings.get("network", {})),
             schedule={"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "epsilon",
                       **settings.get("schedule", {})},
             normalisation={**NORMALISATION, **settings.get("normalisation", {})},
@@ -163,14 +191,47 @@ class Anomaly(Task):
     def training_noise(self, card: ModelCard, device: torch.device):
         return noise_from_spec(card.defaults.get("noise"), device)
 
+    def augment(self, card: ModelCard):
+        """A masked model's conditioning: each crop blanked in a checkerboard of boxes at a random offset."""
+        masked = card.defaults.get("masked")
+        if not masked:
+            return None
+        box = int(masked["box"])
+
+        def blank(batch: Batch, generator: torch.Generator) -> Batch:
+            offsets = torch.randint(0, 2 * box, (batch.target.shape[0], 2), generator=generator).tolist()
+            target = batch.target.numpy()
+            cond = np.stack([blanked(t, checker(t.shape[-2:], box, o)) for t, o in zip(target, offsets)])
+            return Batch(batch.target, torch.from_numpy(cond), batch.labels)
+        return blank
+
     # ---- the anomaly map --------------------------------------------------------------------
     @staticmethod
     def diffusion_reconstruction(card: ModelCard, network: torch.nn.Module, options: RunOptions,
                                  progress: Progress, device: torch.device) -> Reconstruct:
-        """The AnoDDPM reconstruction: `options.ensemble` draws of partial diffusion and sampling."""
+        """The AnoDDPM reconstruction: `options.ensemble` draws of partial diffusion and sampling;
+        for a masked model, each draw assembled from four passes with complementary boxes blanked."""
         noise = noise_from_spec(card.defaults.get("noise"), device)
-        return lambda x, crop: sample_draws(card, network, None, options, device=device, progress=progress,
-                                            crop=crop, start=x, strength=options.strength, noise=noise)
+        masked = card.defaults.get("masked")
+        if not masked:
+            return lambda x, crop: sample_draws(card, network, None, options, device=device, progress=progress,
+                                                crop=crop, start=x, strength=options.strength, noise=noise)
+        box = int(masked["box"])
+
+        def reconstruct(x: np.ndarray, crop: tuple[slice, ...]) -> Iterable[np.ndarray]:
+            inside = np.zeros(x.shape[1:], bool)
+            inside[crop] = True
+            for k in range(options.ensemble):
+                out = x.copy()
+                for offset in ((0, 0), (box, 0), (0, box), (box, box)):
+                    boxes = np.broadcast_to(checker(x.shape[-2:], box, offset), x.shape[1:]) & inside
+                    r = sample_volume(card, network, blanked(x, boxes), sampler=options.sampler, steps=options.steps,
+                                      generator=torch.Generator().manual_seed(options.seed + k), device=device,
+                                      progress=progress, start=x, strength=options.strength, noise=noise,
+                                      batch_size=options.batch_size, crop=crop)
+                    out[:, boxes] = r[:, boxes]
+                yield out
+        return reconstruct
 
     @staticmethod
     def anomaly_map(card: ModelCard, space: ModelSpace, reconstruct: Reconstruct) -> tuple[np.ndarray, np.ndarray]:

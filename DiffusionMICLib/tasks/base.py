@@ -30,6 +30,7 @@ class RunOptions:
     count: int = 1
     condition: str | None = None
     batch_size: int = 16
+    sigma: float | None = None      # denoise: the input's noise standard deviation, its units (None: estimated)
 
     def with_card_defaults(self, card: ModelCard) -> "RunOptions":
         d = card.defaults
@@ -51,7 +52,8 @@ class RunOptions:
                   (self.strength is None or 0 < self.strength <= 1, f"--strength must be in (0, 1], got {self.strength}"),
                   (self.ensemble is None or self.ensemble >= 1, f"--ensemble must be at least 1, got {self.ensemble}"),
                   (self.count >= 1, f"--count must be at least 1, got {self.count}"),
-                  (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")]
+                  (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+                  (self.sigma is None or self.sigma > 0, f"--sigma must be above 0, got {self.sigma}")]
         for ok, message in checks:
             if not ok:
                 raise DiffusionMICError(message)
@@ -81,6 +83,10 @@ class Task:
 
     def training_noise(self, card: ModelCard, device: torch.device):
         """Optional forward-process noise for training, noise(shape, generator) -> Tensor; None: Gaussian."""
+        return None
+
+    def training_loss(self, card: ModelCard):
+        """Optional term on an x0-prediction model's output, added to the MSE: loss(x0, Batch) -> Tensor."""
         return None
 
     def calibrate(self, card: ModelCard, network: torch.nn.Module, dataset: Dataset, cases: list,

@@ -5,6 +5,12 @@ With `noise_range` in the settings (percent of the brightest tissue), fresh Rici
 drawn from the clean target for every batch instead, so one model covers many noise levels.
 With {"context": k} in the settings, the 2D model also sees the k slices on either side of each
 slice (2.5D): their noise is independent and their anatomy nearly the same.
+With {"task": {"noise_map": true}} (needs noise_range) the model is also told the noise level,
+as FFDNet is: a constant map of the noise standard deviation (in the model's [-1, 1] units) as
+one more conditioning image, stacked like the noisy image. In training it is each crop's drawn
+level; at run time `--sigma` (the input's units) or else the input's estimated level
+(`engine.noiselevel.estimate_sigma`, Immerkaer's estimator over the foreground), recorded in
+RunResult.info["sigma"].
 The output is in the input's units (the normalisation is inverted).
 
 Self-supervised adaptation to noisy scans without clean versions (card.training["self_supervised"],
@@ -52,18 +58,22 @@ class Denoise(Task):
     def make_card(self, dataset: Dataset, settings: dict[str, Any]) -> ModelCard:
         spec = settings.get("task", {})
         context = int(settings.get("context", 0))
+        noise_map = bool(spec.get("noise_map", False))
+        if noise_map and spec.get("noise_range") is None:
+            raise DiffusionMICError("denoise: noise_map needs noise_range (the levels to train on)")
         return ModelCard(
             name=settings.get("name", "denoise"), task=self.name,
             inputs=["noisy"], outputs=["clean"],
             description=settings.get("description", "Conditional diffusion denoiser for brain MRI (any contrast)."),
-            network=network_config(1 + (2 * context + 1), 1, **settings.get("network", {})), context=context,
+            network=network_config(1 + (2 * context + 1) * (2 if noise_map else 1), 1, **settings.get("network", {})),
+            context=context,
             schedule={"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "v_prediction",
                       **settings.get("schedule", {})},
             normalisation=NORMALISATION, patch=settings.get("patch", [64, 64]),
             sampler={"name": "dpm++2m", "steps": 10, **settings.get("sampler", {})},
             defaults={"strength": 1.0, "ensemble": 1, **settings.get("defaults", {})},
             training={"config": settings.get("train", {}), "channels": spec.get("channels", dataset.channels),
-                      "noise_range": spec.get("noise_range")},
+                      "noise_range": spec.get("noise_range"), **({"noise_map": True} if noise_map else {})},
         )
 
     def training_cases(self, card: ModelCard, dataset: Dataset, cases: list[Case]) -> list[TrainingCase]:
@@ -119,8 +129,12 @@ class Denoise(Task):
             shape = (clean01.shape[0],) + (1,) * (clean01.ndim - 1)
             brightest = torch.quantile(clean01.flatten(1), 0.99, dim=1).reshape(shape)
             pct = lo + (hi - lo) * torch.rand(shape, generator=generator)
-            noisy = rician(clean01, pct / 100.0 * brightest, generator)
-            return Batch(batch.target, noisy * 2 - 1, batch.labels)
+            sigma01 = pct / 100.0 * brightest
+            cond = rician(clean01, sigma01, generator) * 2 - 1
+            if noise_map:      # the level in [-1, 1] units, one map per stacked slice
+                cond = torch.cat([cond, (2 * sigma01).expand_as(cond)], 1)
+            return Batch(batch.target, cond, batch.labels)
+        noise_map = bool(card.training.get("noise_map"))
         return add_noise
 
     @staticmethod
@@ -133,7 +147,11 @@ class Denoise(Task):
 
         def recorrupt(batch: Batch, generator: torch.Generator) -> Batch:
             z = torch.randn(batch.cond.shape, generator=generator) * sigma
-            return Batch(batch.target - z[:, k:k + 1] / alpha, batch.cond + alpha * z, batch.labels)
+            cond = batch.cond + alpha * z
+            if noise_map:      # the recorrupted input's level: sqrt(1 + alpha^2) sigma
+                cond = torch.cat([cond, torch.full_like(cond, float(np.hypot(1.0, alpha)) * sigma)], 1)
+            return Batch(batch.target - z[:, k:k + 1] / alpha, cond, batch.labels)
+        noise_map = bool(card.training.get("noise_map"))
         return recorrupt
 
     def run(self, card: ModelCard, network: torch.nn.Module, volumes: list[Volume], options: RunOptions,
@@ -144,14 +162,20 @@ class Denoise(Task):
         scale = robust_scale(space.arrays[0], card.normalisation)
         noisy = to_unit(space.arrays, scale)
         crop = foreground_crop(space.arrays)
+        cond, info = noisy, {}
+        if card.training.get("noise_map"):
+            sigma = options.sigma if options.sigma is not None else estimate_sigma(space.arrays[0])
+            info["sigma"] = {"value": round(float(sigma), 6), "estimated": options.sigma is None,
+                             "percent_of_median": round(100.0 * float(sigma) / (scale / 2.0), 3)}
+            cond = np.concatenate([noisy, np.full_like(noisy, 2.0 * sigma / scale)])
         progress.start("denoise", 0)
-        draws = [d[0] for d in sample_draws(card, network, noisy, options, device=device, progress=progress, crop=crop,
+        draws = [d[0] for d in sample_draws(card, network, cond, options, device=device, progress=progress, crop=crop,
                                             start=noisy if options.strength < 1 else None, strength=options.strength)]
         progress.close()
         result = np.mean(draws, axis=0)
         denoised = from_unit(np.clip(result, -1.0, None), scale)
         out = space.leave(denoised)
-        return RunResult({"output": out.with_array(out.array.astype(np.float32))})
+        return RunResult({"output": out.with_array(out.array.astype(np.float32))}, info)
 
     def evaluate(self, pred: Volume, ref: Volume, mask: Volume | None) -> dict[str, Any]:
         return image_metrics(pred, ref, mask)

@@ -15,6 +15,11 @@ no attention, batch 4 — meant for a GPU; on a CPU use an 8 mm grid and channel
 (about 0.2-0.5 s a step here) with x0 prediction and Fast-DDPM ({"schedule": {"train_steps":
 10, "prediction_type": "sample"}}), which learn the brain's shape within a few hundred steps.
 
+Latent diffusion ({"autoencoder": {...}} in the training settings; engine/latent.py): the UNet
+learns the latents of a MONAI AutoencoderKL trained first on crops of the same volumes, so a
+2 mm grid costs the UNet what a 4 mm one costs in image space; card.patch is then the latent
+shape, and sampling decodes the drawn latent onto the grid.
+
 Channels and classes ({"task": {...}} in the training settings):
 - "channels": modalities generated *jointly*, one UNet channel each (default: the data set's
   first channel). Every channel is scaled on its own: its 99.5th Otsu-foreground percentile is 1.0.
@@ -48,6 +53,7 @@ from scipy import ndimage
 
 from ..datasets import Case, Dataset
 from ..engine.batches import TrainingCase
+from ..engine.latent import autoencoder_factor, latent_spec
 from ..engine.network import downsampling_factor, network_config
 from ..engine.sampling import sample_volume
 from ..engine.space import from_unit, robust_scale, to_unit
@@ -116,22 +122,26 @@ class Generate(Task):
         net = {**NETWORK_3D, **settings.get("network", {}), "spatial_dims": 3}
         if "attention_levels" not in settings.get("network", {}):
             net["attention_levels"] = [False] * len(net["channels"])
-        network = network_config(len(outputs), len(outputs), len(classes) or None, **net)
+        latent = latent_spec(settings["autoencoder"], len(outputs)) if "autoencoder" in settings else None
+        width = latent["autoencoder"]["latent_channels"] if latent else len(outputs)
+        network = network_config(width, width, len(classes) or None, **net)
+        shrink = autoencoder_factor(latent) if latent else 1
         grid = settings.get("grid") or output_grid(dataset.cases[0].read(channels[0]),
                                                    list(spec.get("spacing", [4.0, 4.0, 4.0])),
-                                                   downsampling_factor(network)).to_dict()
+                                                   shrink * downsampling_factor(network)).to_dict()
         geometry = Geometry.from_dict(grid)
         return ModelCard(
             name=settings.get("name", f"generate-{'-'.join(channels)}" + (f"-by-{mode}" if mode else "")),
             task=self.name, inputs=[], outputs=outputs,
-            description=settings.get("description", f"3D whole-volume diffusion model of {' + '.join(channels)} "
-                                                    f"at {geometry.spacing[0]:g} mm"
+            description=settings.get("description", f"3D whole-volume {'latent ' if latent else ''}diffusion model "
+                                                    f"of {' + '.join(channels)} at {geometry.spacing[0]:g} mm"
                                                     + (f", conditioned on {mode}" if mode else "") + "."),
             network=network,
             schedule={"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "v_prediction",
                       **settings.get("schedule", {})},
             normalisation={**NORMALISATION, **settings.get("normalisation", {})},
-            spacing=list(geometry.spacing), patch=list(geometry.size[::-1]), grid=grid, classes=classes,
+            spacing=list(geometry.spacing), patch=[s // shrink for s in geometry.size[::-1]], grid=grid,
+            classes=classes, latent=latent,
             sampler={"name": "dpm++2m", "steps": 20, **settings.get("sampler", {})},
             defaults={"guidance": 1.0, **settings.get("defaults", {})},
             training={"config": {"batch_size": 4, **settings.get("train", {})}, "variant": spec.get("variant")},
@@ -170,7 +180,7 @@ class Generate(Task):
         return out
 
     def augment(self, card: ModelCard):
-        if card.inputs:
+        if card.inputs or card.latent:      # a latent model learns each case's mirror image's latent instead
             return None
         def flip(batch: Batch, generator: torch.Generator) -> Batch:
             which = torch.rand(batch.target.shape[0], generator=generator) < 0.5
@@ -211,9 +221,11 @@ class Generate(Task):
         outputs: dict[str, Volume] = {}
         for i in range(options.count):
             generator = torch.Generator().manual_seed(options.seed + i)
-            x = sample_volume(card, network, None, shape=tuple(grid.size[::-1]), class_label=label,
+            x = sample_volume(card, network, None, shape=tuple(card.patch), class_label=label,
                               guidance=options.guidance, sampler=options.sampler, steps=options.steps,
                               generator=generator, device=device, progress=progress, batch_size=options.batch_size)
+            if card.latent:
+                x = network.decode(torch.from_numpy(x[None]).to(device))[0].float().cpu().numpy()
             for c, channel in enumerate(card.outputs):
                 outputs[sample_key(i, c, channel)] = Volume(from_unit(np.clip(x[c], -1.0, None)), grid)
         progress.close()

@@ -195,3 +195,44 @@ def test_reference_lesions_of_every_phantom_kind():
     assert lesion_reference(tumour.with_array(np.array([0, 1, 0, 1], np.uint8).reshape(4, 1, 1))).sum() == 2
     with pytest.raises(DiffusionMICError, match="labels"):
         lesion_reference(tumour.with_array(np.array([0, 3, 12, 4], np.uint8).reshape(4, 1, 1)))
+
+
+class EchoContext(torch.nn.Module):
+    """A stand-in x0 predictor that returns the blanked context channels it is given (0 in the boxes)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def forward(self, x, t, class_labels=None):
+        return x[:, self.n:2 * self.n]
+
+
+def test_masked_model_redraws_every_voxel_from_its_surroundings_once(phantom_dir):
+    """pDDPM-style masking: the card and conditioning; the four passes blank complementary boxes, so
+    an x0 predictor that returns its blanked context gives 0 at every voxel of the crop."""
+    from DiffusionMICLib.engine.trainer import Batch
+    from DiffusionMICLib.tasks.anomaly import checker
+    task = get_task("anomaly")
+    dataset = read_dataset(phantom_dir)
+    card = task.make_card(dataset, {"task": {"masked": {"box": 8}}, "schedule": {"prediction_type": "sample",
+                                                                                 "train_steps": 10}})
+    assert card.network["in_channels"] == 3 and card.defaults["masked"] == {"box": 8}
+    cover = sum(checker((40, 44), 8, o).astype(int) for o in ((0, 0), (8, 0), (0, 8), (8, 8)))
+    assert (cover == 1).all()
+    target = torch.rand(4, 1, 64, 64) * 2 - 1
+    batch = task.augment(card)(Batch(target), torch.Generator().manual_seed(0))
+    boxes = batch.cond[:, 1] > 0
+    assert batch.cond.shape == (4, 2, 64, 64) and 0.2 < boxes.float().mean() < 0.3
+    assert (batch.cond[:, 0][boxes] == 0).all() and torch.equal(batch.cond[:, 0][~boxes], target[:, 0][~boxes])
+    options = RunOptions(steps=4, strength=1.0, seed=0).with_card_defaults(card)
+    recon = task.diffusion_reconstruction(card, EchoContext(1), options, Progress(), torch.device("cpu"))
+    x = np.random.default_rng(0).uniform(0.1, 1.0, (1, 4, 40, 44)).astype(np.float32)
+    crop = (slice(0, 4), slice(2, 38), slice(3, 40))
+    out = next(iter(recon(x, crop)))
+    np.testing.assert_allclose(out[(slice(None), *crop)], 0.0, atol=1e-5)
+    outside = np.ones(x.shape, bool)
+    outside[(slice(None), *crop)] = False
+    np.testing.assert_array_equal(out[outside], x[outside])
+    with pytest.raises(DiffusionMICError, match="masked"):
+        task.make_card(dataset, {"task": {"masked": {"box": 1}}})

@@ -320,3 +320,52 @@ def test_context_slices_stack_neighbours_and_train_a_2p5d_denoiser(phantom_dir, 
     assert out.geometry.same_as(noisy.geometry, tol=1e-9) and np.isfinite(out.array).all()
     with pytest.raises(DiffusionMICError, match="context"):
         ModelCard.from_dict({**card.to_dict(), "network": {**card.network, "spatial_dims": 3}})
+
+
+class EchoLevel:
+    """A stand-in x0 predictor that returns its first noise-map channel (the level it was told)."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __call__(self, x, t, class_labels=None):
+        return x[:, self.index:self.index + 1]
+
+    def eval(self):
+        return self
+
+
+def test_noise_map_conditions_on_the_given_or_estimated_level(phantom_dir):
+    """{"task": {"noise_map": true}}: training crops carry a map of their drawn level (FFDNet-style),
+    stacked like the noisy slices; a run passes --sigma, or the input's estimated level, the same way."""
+    import torch
+    from DiffusionMICLib.datasets import read_dataset
+    from DiffusionMICLib.engine.space import robust_scale
+    from DiffusionMICLib.engine.trainer import Batch
+    from DiffusionMICLib.errors import DiffusionMICError
+    from DiffusionMICLib.progress import Progress
+    from DiffusionMICLib.tasks import RunOptions, get_task
+    task, ds = get_task("denoise"), read_dataset(phantom_dir)
+    card = task.make_card(ds, {**SETTINGS, "context": 1, "task": {"noise_range": [1, 9], "noise_map": True}})
+    assert card.network["in_channels"] == 1 + 3 * 2
+    clean = torch.rand(4, 3, 24, 24) * 0.5
+    batch = task.augment(card)(Batch(clean[:, 1:2], clean), torch.Generator().manual_seed(0))
+    levels = batch.cond[:, 3:]
+    assert batch.cond.shape == (4, 6, 24, 24) and (levels == levels[:, :1, :1, :1]).all()
+    noise = (batch.cond[:, :3] - clean).std(dim=(1, 2, 3))     # Rician ~ Gaussian at these levels
+    np.testing.assert_allclose(noise.numpy(), levels[:, 0, 0, 0].numpy(), rtol=0.2)
+    vol = read_volume(phantom_dir / "imagesTr" / "phantom_000_0000.nii.gz")
+    vol = Volume.from_sitk(vol.to_sitk()[:, :, 20:24])
+    scale = robust_scale(vol.array, card.normalisation)
+    options = RunOptions(sampler="ddim", steps=1, sigma=7.5).with_card_defaults(card)
+    res = task.run(card, EchoLevel(1 + 3), [vol], options, Progress(), torch.device("cpu"))
+    inside = res.outputs["output"].array[res.outputs["output"].array != 0]
+    np.testing.assert_allclose(inside, 7.5 + scale / 2, rtol=1e-4)       # from_unit(2 sigma / scale)
+    assert res.info["sigma"]["value"] == 7.5 and not res.info["sigma"]["estimated"]
+    estimated = task.run(card, EchoLevel(4), [vol], RunOptions(sampler="ddim", steps=1).with_card_defaults(card),
+                         Progress(), torch.device("cpu"))
+    assert estimated.info["sigma"]["estimated"] and 2 < estimated.info["sigma"]["percent_of_median"] < 10
+    with pytest.raises(DiffusionMICError, match="noise_range"):
+        task.make_card(ds, {"task": {"noise_map": True}})
+    with pytest.raises(DiffusionMICError, match="--sigma"):
+        RunOptions(sigma=0).validate()

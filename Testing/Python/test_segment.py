@@ -188,3 +188,25 @@ def test_calibration_and_uncertainty_measures_on_constructed_cases():
     assert exact == {"auroc": pytest.approx(1.0), "auprc": pytest.approx(1.0), "dice": pytest.approx(1.0)}
     opposite = uncertainty_error_agreement(reference.with_array(1.0 - errors), pred, reference)
     assert opposite["auroc"] == pytest.approx(0.0)
+
+
+def test_dice_ce_term_on_the_x0_prediction(phantom_dir):
+    """{"task": {"dice_ce": W}}: W x Dice-CE of the x0 prediction, small for the right one-hot map,
+    large for a wrong one; refused for a model that does not predict x0, or a negative weight."""
+    import torch
+    from DiffusionMICLib.engine.network import build_network
+    from DiffusionMICLib.engine.trainer import Batch, TrainConfig, Trainer
+    task, ds = get_task("segment"), read_dataset(phantom_dir)
+    card = task.make_card(ds, {"task": {"dice_ce": 2.0}})
+    assert card.training["dice_ce"] == 2.0 and task.training_loss(task.make_card(ds, {})) is None
+    loss = task.training_loss(card)
+    labels = torch.randint(0, 5, (2, 16, 16))
+    target = torch.nn.functional.one_hot(labels, 5).permute(0, 3, 1, 2).float() * 2 - 1
+    right, wrong = loss(target, Batch(target)), loss(target.roll(1, dims=1), Batch(target))
+    assert float(right) < 0.2 and float(wrong) > 5 * float(right)
+    eps = task.make_card(ds, {"task": {"dice_ce": 1.0}, "schedule": {"prediction_type": "epsilon"}})
+    with pytest.raises(DiffusionMICError, match="x0 prediction"):
+        Trainer(build_network(eps.network), eps.noise_schedule, TrainConfig(), torch.device("cpu"),
+                x0_loss=task.training_loss(eps))
+    with pytest.raises(DiffusionMICError, match="dice_ce"):
+        task.make_card(ds, {"task": {"dice_ce": -1}})

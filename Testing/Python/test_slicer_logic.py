@@ -441,6 +441,8 @@ def test_denoise_adapted_to_the_scan_first(phantom, models):
     nodes = slicer.mrmlScene.GetNumberOfNodes()
     with pytest.raises(ValueError, match="only denoise"):
         logic.segment([t1], model=models["denoise"], adapt=5)
+    with pytest.raises(ValueError, match="only denoise takes the input's noise level"):
+        logic.segment([t1], model=models["denoise"], sigma=5.0)
     assert slicer.mrmlScene.GetNumberOfNodes() == nodes
 
 

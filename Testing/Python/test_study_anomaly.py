@@ -20,8 +20,8 @@ from DiffusionMICLib.study.learners import load_baseline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-METHODS = ["diffusion-simplex", "diffusion-gaussian", "diffusion-joint", "diffusion-bundled", "ae", "vae", "resnet", "flair",
-           "flair-negated", "flair-zscore"]
+METHODS = ["diffusion-simplex", "diffusion-gaussian", "diffusion-joint", "diffusion-masked", "diffusion-bundled", "ae",
+           "vae", "resnet", "flair", "flair-negated", "flair-zscore"]
 TABLES = ["phantom, hyper lesions", "phantom, iso lesions", "phantom, hypo lesions", "phantom, tumour"]
 
 

@@ -87,3 +87,18 @@ def test_quick_study_has_every_row(tmp_path_factory, one_thread):
     assert doc["methods"]["diffusion"]["conditions"] == ["healthy", "lesion"]
     assert "nearest held-out real subject" in Path(written["markdown"]).read_text()
     assert Path(written["figure"]).stat().st_size > 10_000
+
+
+def test_latent_row_trains_both_stages_and_samples_on_its_grid(tiny: Context):
+    """The latent diffusion row: the autoencoder and the UNet each get the budget's steps; its
+    samples are scored like every row's."""
+    from DiffusionMICLib.models import read_card
+    from DiffusionMICLib.volume import Geometry
+    info = study._fit_latent(tiny, tiny.out / "latent")
+    assert info["steps"] == tiny.budget.steps and info["autoencoder"]["steps"] == tiny.budget.steps
+    assert info["wall_time_s"] > info["autoencoder"]["wall_time_s"] > 0
+    card = read_card(tiny.out / "latent" / "model")
+    assert card.latent["scale_factor"] > 0 and Geometry.from_dict(card.grid).spacing == (8.0, 8.0, 8.0)
+    evaluation = study._eval_diffusion(tiny, tiny.out / "latent")
+    row = evaluation.tables["phantom: FLAIR"]
+    assert row["psnr"] > 0 and row["bright_tail_gap"] is not None

@@ -1,0 +1,118 @@
+"""Latent diffusion for generation: the AutoencoderKL stage, the UNet over its latents, one
+weights file, resuming without retraining the autoencoder, bad settings."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+import DiffusionMICLib as dmic
+from DiffusionMICLib.cli import main as cli_main
+from DiffusionMICLib.engine.latent import LatentModel, build_model, fit_autoencoder, latent_spec
+from DiffusionMICLib.engine.pipeline import train
+from DiffusionMICLib.errors import DiffusionMICError
+from DiffusionMICLib.models import load_model
+from DiffusionMICLib.progress import Progress
+from DiffusionMICLib.tasks import get_task
+from DiffusionMICLib.volume import Geometry
+
+AE_STEPS, STEPS = 6, 6
+# 8 mm grid; autoencoder 2x down (latents 10 x 14 x 12), UNet 2x down: the grid is padded to multiples of 4.
+SETTINGS = {"task": {"channels": ["T1", "FLAIR"], "classes": "lesion", "spacing": [8.0, 8.0, 8.0]},
+            "network": {"channels": [16, 32], "norm_num_groups": 16},
+            "autoencoder": {"network": {"channels": [16, 16], "latent_channels": 2}, "patch": [16, 16, 16],
+                            "adversarial_start": 3, "discriminator": {"channels": 8, "num_layers_d": 2},
+                            "train": {"max_steps": AE_STEPS, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 3}},
+            "schedule": {"train_steps": 10, "prediction_type": "sample"}, "sampler": {"steps": 2},
+            "train": {"batch_size": 2, "lr": 1e-3, "checkpoint_every": 1000}}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, phantom_dir):
+    out = tmp_path_factory.mktemp("models") / "latent"
+    train("generate", phantom_dir, out, max_steps=STEPS, settings=SETTINGS)
+    return out
+
+
+def test_autoencoder_round_trip_keeps_shapes():
+    spec = latent_spec({"network": {"channels": [16, 16, 16], "latent_channels": 3}}, channels=2)
+    net = build_model({"spatial_dims": 3, "in_channels": 3, "out_channels": 3, "channels": [16, 32],
+                       "attention_levels": [False, False], "num_res_blocks": 1, "norm_num_groups": 16,
+                       "num_head_channels": 32}, {**spec, "scale_factor": 2.0})
+    assert isinstance(net, LatentModel) and net.scale_factor == 2.0
+    x = torch.rand(1, 2, 16, 24, 32) * 2 - 1
+    z = net.encode(x)
+    assert z.shape == (1, 3, 4, 6, 8)
+    assert net.decode(z).shape == x.shape
+    assert net(z, torch.zeros(1, dtype=torch.long)).shape == z.shape      # the UNet runs on latents
+
+
+def test_card_weights_and_samples_on_the_grid(model):
+    card, net = load_model(model)
+    grid = Geometry.from_dict(card.grid)
+    assert isinstance(net, LatentModel) and card.latent["scale_factor"] > 0
+    assert card.latent["training"]["steps"] == AE_STEPS and card.training["steps"] == STEPS
+    assert card.network["in_channels"] == card.network["out_channels"] == 2          # latent channels
+    assert all(s % 4 == 0 for s in grid.size) and card.patch == [s // 2 for s in grid.size[::-1]]
+    with safe_open(str(model / "model.safetensors"), "pt") as f:
+        prefixes = {k.split(".")[0] for k in f.keys()}
+    assert prefixes == {"unet", "autoencoder"}
+    run = dmic.generate(model, count=2, condition="lesion", device="cpu")
+    assert set(run.outputs) == {"output", "FLAIR", "2", "2-FLAIR"}
+    for v in run.outputs.values():
+        assert v.geometry.same_as(grid) and np.isfinite(v.array).all()
+    assert np.abs(run.outputs["output"].array - run.outputs["2"].array).mean() > 1e-4     # seeds differ
+
+
+def test_resume_keeps_the_finished_autoencoder(model, phantom_dir):
+    before = (model / "autoencoder" / "autoencoder.safetensors").read_bytes()
+    card = train("generate", phantom_dir, model, max_steps=STEPS + 2, settings=SETTINGS)
+    assert card.training["steps"] == STEPS + 2 and card.latent["training"]["steps"] == AE_STEPS
+    assert (model / "autoencoder" / "autoencoder.safetensors").read_bytes() == before
+    _, net = load_model(model)
+    with safe_open(str(model / "autoencoder" / "autoencoder.safetensors"), "pt") as f:
+        for key in f.keys():
+            assert torch.equal(net.autoencoder.state_dict()[key], f.get_tensor(key))
+
+
+def test_autoencoder_learns_the_anatomy(phantom_dir, tmp_path):
+    """200 steps of 24^3 crops at 4 mm (about 25 s): the brain's reconstruction error falls below 40 %
+    of the error of its mean intensity, what an autoencoder that learned only the average gives
+    (measured: 0.27 after 200 steps, 0.42 after 120, 0.55 after 60)."""
+    from DiffusionMICLib.datasets import read_dataset
+    settings = {**SETTINGS, "task": {**SETTINGS["task"], "spacing": [4.0, 4.0, 4.0]}}
+    dataset = read_dataset(phantom_dir)
+    task = get_task("generate")
+    card = task.make_card(dataset, settings)
+    cases = task.training_cases(card, dataset, dataset.cases)
+    card.latent["stage1"].update({"patch": [24, 24, 24], "adversarial_weight": 0.0,
+                                  "train": {**card.latent["stage1"]["train"], "max_steps": 200, "lr": 3e-3}})
+    net = build_model(card.network, card.latent)
+    fit_autoencoder(card.latent, net, cases, tmp_path / "ae", card.noise_schedule, torch.device("cpu"), Progress())
+    x = torch.from_numpy(cases[0].target[None])
+    with torch.no_grad():
+        recon = net.autoencoder.reconstruct(x)[0].numpy()
+    brain = cases[0].target > -0.95
+    err = np.abs(recon - cases[0].target)[brain].mean()
+    floor = np.mean([np.abs(c - c[b].mean())[b].mean() for c, b in zip(cases[0].target, brain)])
+    assert err < 0.4 * floor, (err, floor)
+
+
+def test_bad_latent_settings_one_line_and_nothing_written(phantom_dir, tmp_path, capsys):
+    for name, settings, message in [
+            ("segment", {"autoencoder": {}}, "for whole-volume generation models only"),
+            ("generate", {**SETTINGS, "autoencoder": {"network": {"channels": [16, 24]}}}, "must divide"),
+            ("generate", {"task": {"from_labels": True}, "autoencoder": {}}, "for whole-volume generation")]:
+        config = tmp_path / f"{name}.json"
+        config.write_text(json.dumps(settings))
+        out = tmp_path / f"out-{name}"
+        assert cli_main(["train", name, "--data", str(phantom_dir), "--out", str(out), "--config", str(config),
+                         "--max-steps", "1", "--progress", "none"]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not out.exists()
+    with pytest.raises(DiffusionMICError, match="must divide"):
+        latent_spec({"network": {"norm_num_groups": 7}}, channels=1)
