@@ -19,8 +19,9 @@ venv: $(VENV)/.installed
 demo: venv
 	$(VENV)/bin/diffusion-mic demo --out demo-out
 
+# Two pytest-xdist workers, one per core, each given whole test files (module fixtures are built once).
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow

@@ -91,12 +91,13 @@ def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[s
         if "autoencoder" in settings and not card.latent:
             raise DiffusionMICError(f"'autoencoder' settings (latent diffusion) are for whole-volume generation "
                                     f"models only, not {task_name} models")
-        network = build_model(card.network, card.latent)
     tc = {**card.training.get("config", {}), **settings.get("train", {})}
     config = TrainConfig(**{k: v for k, v in tc.items() if k in TrainConfig.__dataclass_fields__})
     if max_steps is not None:
         config.max_steps = max_steps
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)       # the initial weights too: the same settings train the same model
+    if base is None:
+        network = build_model(card.network, card.latent)
     progress.start("load data", len(cases))
     training_cases = task.training_cases(card, dataset, cases)
     if card.inputs and LABEL_INPUT not in card.inputs:

@@ -227,14 +227,21 @@ class AsX0(torch.nn.Module):
     handling, cropping and post-processing apply unchanged."""
 
     def __init__(self, net: torch.nn.Module, noisy_channels: int, post: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 factor: int = 1):
+                 factor: int = 1, window: tuple[int, ...] | None = None):
         super().__init__()
-        self.net, self.skip, self.post, self.factor = net, noisy_channels, post, factor
+        self.net, self.skip, self.post, self.factor, self.window = net, noisy_channels, post, factor, window
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """`factor`: pad the slices to multiples of the baseline's own down-sampling factor
-        (background value -1) and crop its output back."""
+        (background value -1) and crop its output back. `window`: run the network instead by
+        Gaussian-weighted sliding windows of that size (overlap 0.5, MONAI), as nnU-Net infers:
+        a network with instance norm, trained on crops, then sees crop-sized statistics."""
         cond = x[:, self.skip:]
+        if self.window is not None:
+            from monai.inferers import sliding_window_inference
+            out = sliding_window_inference(cond, self.window, 32, self.net, overlap=0.5, mode="gaussian",
+                                           padding_mode="constant", cval=-1.0)
+            return self.post(out) if self.post is not None else out
         h, w = cond.shape[-2:]
         pad = [0, -w % self.factor, 0, -h % self.factor]
         out = self.net(torch.nn.functional.pad(cond, pad, value=-1.0) if any(pad) else cond)[..., :h, :w]

@@ -46,7 +46,10 @@ NOTES = [
     "the learned baselines train on the same 64 x 64 crops (40 % centred on lesion voxels) for the same "
     "budget, with MONAI DiceCELoss (softmax, batch Dice) against the one-hot label map and AdamW at "
     "lr 1e-2 (nnU-Net's initial rate; at 1e-3 they learned far slower in a short budget); the diffusion "
-    "model keeps its bundled recipe's lr 1e-3.",
+    "model keeps its bundled recipe's lr 1e-3. The learned baselines infer as nnU-Net does, by Gaussian-"
+    "weighted 64 x 64 sliding windows (overlap 0.5), so that their instance norms see crop-sized "
+    "statistics (on whole slices the nnU-Net stand-in scored below the floor); the diffusion model runs "
+    "whole slices.",
     "nnU-Net stand-in: nnunetv2 cannot be installed beside this CPU torch (it pulls torchvision), so "
     "MONAI DynUNet set up as nnU-Net's 2D configuration: 3 x 3 kernels, instance norm, leaky ReLU, "
     "filters doubling from 32 (capped at 256), down to 4 x 4, deep supervision (weights 1/2^i), Dice + CE, "
@@ -322,12 +325,14 @@ def _baseline_fit(kind: str, quick: bool):
     return fit
 
 
-def _pipeline_segmenter(ctx: Context, network: torch.nn.Module, factor_: int) -> Callable[[list[Volume]], RunResult]:
-    """A network of class scores (logits, or one-hot for the floor) run by the task's own pipeline."""
+def _pipeline_segmenter(ctx: Context, network: torch.nn.Module, factor_: int,
+                        windows: bool = False) -> Callable[[list[Volume]], RunResult]:
+    """A network of class scores (logits, or one-hot for the floor) run by the task's own pipeline;
+    `windows`: by sliding windows of the training crop (AsX0)."""
     card = one_step_card(_card(ctx))
     task = get_task(TASK)
     wrapped = AsX0(network, noisy_channels=len(card.labels), post=lambda out: torch.softmax(out, 1) * 2.0 - 1.0,
-                   factor=factor_).eval()
+                   factor=factor_, window=tuple(card.patch) if windows else None).eval()
 
     def run(inputs: list[Volume]) -> RunResult:
         options = RunOptions(device=str(ctx.device)).with_card_defaults(card)
@@ -338,7 +343,7 @@ def _pipeline_segmenter(ctx: Context, network: torch.nn.Module, factor_: int) ->
 
 def _eval_baseline(ctx: Context, folder: Path) -> Evaluation:
     net, meta = load_baseline(folder, ctx.device)
-    return _evaluate(ctx, _pipeline_segmenter(ctx, net, factor(meta["kind"], meta["spec"])))
+    return _evaluate(ctx, _pipeline_segmenter(ctx, net, factor(meta["kind"], meta["spec"]), windows=True))
 
 
 # ---- the floor: nearest tissue centroid ------------------------------------------------------------
