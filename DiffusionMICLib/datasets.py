@@ -61,7 +61,7 @@ def read_dataset(root: str | Path) -> Dataset:
     meta_path = root / "dataset.json"
     if not meta_path.is_file():
         raise DiffusionMICError(f"'{root}' is not a data set: no dataset.json")
-    meta = json.loads(meta_path.read_text())
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
     if "channel_names" in meta:
         return _read_nnunet(root, meta)
     if "modality" in meta and "training" in meta:

@@ -54,7 +54,7 @@ def main(out: Path, progress: Progress | None = None, device: str = "auto") -> d
     rows = table(metrics)
     summary_figure(out / "summary.png", outcomes, rows)
     metrics["wall_time_s"] = round(time.perf_counter() - t0, 1)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     width = max(len("metric"), *(len(row[1]) for row in rows)) + 2
     print(f"\n{'task':<10}{'metric':<{width}}{'baseline':>10}{'result':>10}  target")
     for row in rows:

@@ -375,7 +375,7 @@ def _install_zip(zip_path: Path, name: str | None, *, source: dict[str, Any], re
         name = name or card.name
         _check_name(name)
         _check_catalog_clash(name, catalog_sha, is_zip=True)
-        (tmp / SOURCE).write_text(json.dumps(source, indent=2) + "\n")
+        (tmp / SOURCE).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
         _move_into_cache(tmp, name, card, replace)
         return card
     finally:
@@ -407,7 +407,7 @@ def _import_folder(src: Path, name: str | None, force: bool) -> dict[str, Any]:
             else:
                 skipped.append(f.name)             # checkpoints (pickles), logs, folders: left behind
         card = validate_model_folder(tmp)          # the copy is what gets checked and used
-        (tmp / SOURCE).write_text(json.dumps({"imported_from": str(src.resolve())}, indent=2) + "\n")
+        (tmp / SOURCE).write_text(json.dumps({"imported_from": str(src.resolve())}, indent=2) + "\n", encoding="utf-8")
         _move_into_cache(tmp, name, card, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -501,7 +501,7 @@ def _check_name(name: str) -> None:
 
 def _source(folder: Path) -> dict[str, Any]:
     try:
-        return json.loads((folder / SOURCE).read_text())
+        return json.loads((folder / SOURCE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
 

@@ -228,7 +228,7 @@ def evaluate_model(model: str | Path, data: str | Path, progress: Progress | Non
     progress = progress or Progress()
     card = read_card(resolve_model(model))
     dataset = read_dataset(data)
-    info = json.loads((Path(data) / "dataset.json").read_text()).get("phantom", {})
+    info = json.loads((Path(data) / "dataset.json").read_text(encoding="utf-8")).get("phantom", {})
     held = {"data": str(data), "phantom_seed": info.get("seed"), "noise_percent": info.get("noise"),
             "cases": [c.id for c in dataset.cases]}
     if card.task == "generate" and card.inputs:

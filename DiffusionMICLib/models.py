@@ -97,7 +97,7 @@ def save_model(folder: Path, card: ModelCard, network: torch.nn.Module, *, half:
                  for k, v in network.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         card.sha256 = sha256_file(tmp / WEIGHTS)
-        (tmp / CARD).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
+        (tmp / CARD).write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
         if folder.exists():
             for extra in folder.iterdir():   # keep what else the folder holds (train.json, checkpoints)
                 if extra.name not in (CARD, WEIGHTS) and not (tmp / extra.name).exists():
@@ -114,7 +114,7 @@ def write_card(folder: Path, card: ModelCard) -> Path:
     """Rewrite a model folder's card in place (atomically); the weights are not touched."""
     path = Path(folder) / CARD
     tmp = path.with_name(f".{CARD}.tmp")
-    tmp.write_text(json.dumps(card.to_dict(), indent=2) + "\n")
+    tmp.write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
 
@@ -124,7 +124,7 @@ def read_card(folder: Path) -> ModelCard:
     if not path.is_file():
         raise DiffusionMICError(f"'{folder}' is not a model folder: no {CARD}")
     try:
-        return ModelCard.from_dict(json.loads(path.read_text()))
+        return ModelCard.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except (json.JSONDecodeError, TypeError) as e:
         raise DiffusionMICError(f"cannot read model card '{path}': {e}") from None
 
@@ -156,7 +156,7 @@ def read_catalog() -> list[dict[str, Any]]:
     path = catalog_path()
     if not path.is_file():
         return []
-    return json.loads(path.read_text()).get("models", [])
+    return json.loads(path.read_text(encoding="utf-8")).get("models", [])
 
 
 def cache_dir() -> Path:

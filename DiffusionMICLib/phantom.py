@@ -610,6 +610,6 @@ def write_phantom(out: Path, *, subjects: int = 4, seed: int = 0, resolution: fl
                     "scale": SCALE, "protocols": PROTOCOLS, "tissues": TISSUES},
     }
     tmp = out / f".tmp-{secrets.token_hex(4)}-dataset.json"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out / "dataset.json")
     return cases

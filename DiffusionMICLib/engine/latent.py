@@ -150,7 +150,7 @@ def fit_autoencoder(latent: dict[str, Any], model: LatentModel, cases: list[Trai
     weights, record = folder / WEIGHTS, folder / RECORD
     if weights.is_file() and record.is_file():
         model.autoencoder.load_state_dict(load_file(str(weights)))
-        return json.loads(record.read_text())
+        return json.loads(record.read_text(encoding="utf-8"))
     stage1 = latent["stage1"]
     config = TrainConfig(**{k: v for k, v in stage1["train"].items() if k in TrainConfig.__dataclass_fields__})
     torch.manual_seed(config.seed)
@@ -174,7 +174,7 @@ def fit_autoencoder(latent: dict[str, Any], model: LatentModel, cases: list[Trai
         tmp = weights.with_suffix(".tmp")
         save_file(state, str(tmp))
         os.replace(tmp, weights)
-        record.write_text(json.dumps(info, indent=2) + "\n")     # written last: the stage is finished
+        record.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")     # written last: the stage is finished
     return info
 
 

@@ -42,7 +42,7 @@ def load_settings(config: str | Path | None) -> dict[str, Any]:
         return {}
     path = Path(config)
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise DiffusionMICError(f"cannot read training config '{path}': {e}") from None
 
@@ -213,6 +213,6 @@ def adapt(task_name: str, model: str | Path, scan: str | Path | Volume, out: str
         (data / "imagesTr").mkdir()
         write_volume(volume, data / "imagesTr" / "scan_0000.nii.gz")
         (data / "dataset.json").write_text(json.dumps({"channel_names": {"0": "scan"}, "labels": {"background": 0},
-                                                       "numTraining": 1, "file_ending": ".nii.gz"}))
+                                                       "numTraining": 1, "file_ending": ".nii.gz"}), encoding="utf-8")
         return train(task_name, data, out, settings=settings, device=device, progress=progress, resume=False,
                      base=(card, network), lora_rank=lora_rank)

@@ -101,7 +101,7 @@ def write_json(path: Path, value: Any) -> None:
     """Write JSON atomically (a reader never sees half a file; an interrupted write leaves the old one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=_jsonable) + "\n")
+    tmp.write_text(json.dumps(value, indent=2, default=_jsonable) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 

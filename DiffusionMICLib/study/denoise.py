@@ -198,7 +198,7 @@ def _eval_adapted(ctx: Context, folder: Path) -> Evaluation:
             return api.denoise(noisy, Path(tmp) / "model", device=str(ctx.device)).outputs["output"]
     folder.mkdir(parents=True, exist_ok=True)
     evaluation = _evaluate(ctx, run, levels=(PREVIEW_NOISE,) if ctx.quick else NOISE_LEVELS)
-    evaluation.extra["training"] = json.loads((shared / "trained.json").read_text())
+    evaluation.extra["training"] = json.loads((shared / "trained.json").read_text(encoding="utf-8"))
     return evaluation
 
 

@@ -124,11 +124,11 @@ def save_baseline(folder: Path, kind: str, spec: dict[str, Any], net: torch.nn.M
     means the method finished training)."""
     folder.mkdir(parents=True, exist_ok=True)
     save_model(net, str(folder / "weights.safetensors"))     # save_model: weights shared between layers (DynUNet) once
-    (folder / "baseline.json").write_text(json.dumps({"kind": kind, "spec": spec, "training": info}, indent=2))
+    (folder / "baseline.json").write_text(json.dumps({"kind": kind, "spec": spec, "training": info}, indent=2), encoding="utf-8")
 
 
 def load_baseline(folder: Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
-    meta = json.loads((folder / "baseline.json").read_text())
+    meta = json.loads((folder / "baseline.json").read_text(encoding="utf-8"))
     net = network(meta["kind"], **meta["spec"])
     load_model(net, str(folder / "weights.safetensors"))
     return net.to(device).eval(), meta

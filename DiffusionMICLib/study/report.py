@@ -41,7 +41,7 @@ def headline(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 def write_report(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
-    docs = {t: json.loads((folder / f"{t}.json").read_text()) for t in ORDER if (folder / f"{t}.json").is_file()}
+    docs = {t: json.loads((folder / f"{t}.json").read_text(encoding="utf-8")) for t in ORDER if (folder / f"{t}.json").is_file()}
     if not docs:
         raise DiffusionMICError(f"'{folder}' holds no study results (TASK.json); run `diffusion-mic study TASK --out {folder}` first")
     rows = [row for doc in docs.values() for row in headline(doc)]
@@ -54,9 +54,9 @@ def write_report(folder: str | Path) -> dict[str, Any]:
                      f"{_fmt(r['other'])} ({r['other_method']}) | {'diffusion' if r['diffusion_wins'] else 'other'} |")
     lines.append("")
     for task in docs:
-        text = (folder / f"{task}.md").read_text()
+        text = (folder / f"{task}.md").read_text(encoding="utf-8")
         lines += [text.replace("# Study:", "## Study:", 1).replace("\n## ", "\n### "), f"![{task}]({task}.png)", ""]
-    (folder / "report.md").write_text("\n".join(lines))
+    (folder / "report.md").write_text("\n".join(lines), encoding="utf-8")
     figure = _summary_figure(folder / "report.png", rows)
     return {"report": str(folder / "report.md"), "figure": str(figure) if figure else None, "tasks": list(docs)}
 

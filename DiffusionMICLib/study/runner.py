@@ -76,11 +76,11 @@ def run_study(task: str, *, data: str | Path | None = None, out: str | Path = "s
            "notes": list(getattr(module, "NOTES", []))}
     previous = out / f"{task}.json"
     if previous.is_file() and methods:     # a partial rerun (--methods) keeps the other methods' rows
-        old = json.loads(previous.read_text())
+        old = json.loads(previous.read_text(encoding="utf-8"))
         if old.get("quick") == quick:
             doc["methods"] = {**old.get("methods", {}), **results}
     write_json(previous, doc)
-    (out / f"{task}.md").write_text(markdown(doc))
+    (out / f"{task}.md").write_text(markdown(doc), encoding="utf-8")
     task_figure(out / f"{task}.png", doc, ctx.out)
     return {"json": str(previous), "markdown": str(out / f"{task}.md"), "figure": str(out / f"{task}.png"),
             "methods": list(doc["methods"])}
@@ -90,13 +90,13 @@ def _run_method(ctx: Context, method: Method) -> dict[str, Any]:
     folder = ctx.out / method.name
     done = folder / "result.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        return json.loads(done.read_text(encoding="utf-8"))
     folder.mkdir(parents=True, exist_ok=True)
     trained = folder / "trained.json"
     training: dict[str, Any] | None = None
     if method.fit is not None:
         if trained.is_file():
-            training = json.loads(trained.read_text())
+            training = json.loads(trained.read_text(encoding="utf-8"))
         else:
             training = method.fit(ctx, folder)
             write_json(trained, training)

@@ -232,7 +232,7 @@ def _eval_ensemble(ctx: Context, folder: Path) -> Evaluation:
     if not (shared / "trained.json").is_file():
         write_json(shared / "trained.json", _fit_diffusion(ctx, shared))
     evaluation = _evaluate(ctx, _model_segmenter(ctx, shared / "model", ensemble=5))
-    evaluation.extra["training"] = json.loads((shared / "trained.json").read_text())
+    evaluation.extra["training"] = json.loads((shared / "trained.json").read_text(encoding="utf-8"))
     return evaluation
 
 

@@ -191,7 +191,7 @@ def _peer_run(ctx: Context, sub: str, volumes: list[Volume]) -> Volume:
 
 def _peer_seconds(ctx: Context, sub: str) -> float | None:
     done = ctx.out / row_name(sub, "monai", "ddpm", PEER_STEPS) / "result.json"
-    return json.loads(done.read_text()).get("seconds_per_volume") if done.is_file() else None
+    return json.loads(done.read_text(encoding="utf-8")).get("seconds_per_volume") if done.is_file() else None
 
 
 def headline_table(sub: str) -> str:

@@ -186,7 +186,7 @@ def _per_direction(fit_one: Callable[[Context, Path, tuple[str, ...], str], dict
 def _finished(where: Path) -> dict[str, Any] | None:
     """The budget a direction already trained with (an interrupted study resumes after it), else None."""
     if (where / "baseline.json").is_file():
-        return json.loads((where / "baseline.json").read_text())["training"]
+        return json.loads((where / "baseline.json").read_text(encoding="utf-8"))["training"]
     if (where / "model" / "model.json").is_file():
         t = read_card(where / "model").training
         return {"steps": t["steps"], "batch_size": t["config"]["batch_size"], "wall_time_s": t["wall_time_s"]}

@@ -103,10 +103,10 @@ def _write(pipe, method, out: Path, card: dict[str, Any]) -> None:
     try:
         card["files"] = method.save(pipe, tmp)
         if method.full_model:     # a DreamBooth folder is a base of its own, its card says where from
-            base_card = json.loads((Path(card["base"]) / CARD).read_text()) if (Path(card["base"]) / CARD).is_file() else {}
-            (tmp / CARD).write_text(json.dumps({**base_card, "kind": "text2image-base", "finetune": card}, indent=2))
+            base_card = json.loads((Path(card["base"]) / CARD).read_text(encoding="utf-8")) if (Path(card["base"]) / CARD).is_file() else {}
+            (tmp / CARD).write_text(json.dumps({**base_card, "kind": "text2image-base", "finetune": card}, indent=2), encoding="utf-8")
         else:
-            (tmp / ADAPTER_CARD).write_text(json.dumps(card, indent=2))
+            (tmp / ADAPTER_CARD).write_text(json.dumps(card, indent=2), encoding="utf-8")
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -28,7 +28,7 @@ def load_pipeline(base: str | Path, adapter: str | Path | None = None, base_conf
         return load_base(adapter, None, device)          # DreamBooth: a whole model
     if not (adapter / ADAPTER_CARD).is_file():
         raise DiffusionMICError(f"'{adapter}' is not an adapter folder ({ADAPTER_CARD} is missing)")
-    card = json.loads((adapter / ADAPTER_CARD).read_text())
+    card = json.loads((adapter / ADAPTER_CARD).read_text(encoding="utf-8"))
     if base_sha256(base) != card["base_sha256"]:
         raise DiffusionMICError(f"adapter '{adapter}' was trained on another base (SHA-256 {card['base_sha256'][:12]}...), "
                                 f"not on '{base}'")

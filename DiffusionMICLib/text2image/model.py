@@ -81,7 +81,7 @@ def save_base(pipe, out: str | Path, card: dict[str, Any]) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / CARD).write_text(json.dumps(card, indent=2))
+        (tmp / CARD).write_text(json.dumps(card, indent=2), encoding="utf-8")
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

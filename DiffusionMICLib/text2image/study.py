@@ -143,7 +143,7 @@ def run_study(base: str | Path, data: str | Path, out: str | Path, *, sizes: lis
                   "base_card": {k: v for k, v in _base_card(base).items() if k != "captions"},
                   "wall_time_s": round(time.perf_counter() - t0, 1), "cpu_time_s": round(time.process_time() - c0, 1),
                   "command": command_line()}
-        (tmp / "results.json").write_text(json.dumps(result, indent=1))
+        (tmp / "results.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
         from .report import write_report
         write_report(result, samples, {p: reals[p] for p in prompts}, tmp)
         tmp.rename(out)
@@ -155,4 +155,4 @@ def run_study(base: str | Path, data: str | Path, out: str | Path, *, sizes: lis
 
 def _base_card(base: str | Path) -> dict[str, Any]:
     card = Path(base) / CARD
-    return json.loads(card.read_text()) if card.is_file() else {}
+    return json.loads(card.read_text(encoding="utf-8")) if card.is_file() else {}

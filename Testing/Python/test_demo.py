@@ -33,7 +33,7 @@ def test_bundled_models_are_in_the_catalog_verified_and_small():
 
 
 def test_demo_writes_volumes_figures_and_metrics(demo_out, capsys):
-    metrics = json.loads((demo_out / "metrics.json").read_text())
+    metrics = json.loads((demo_out / "metrics.json").read_text(encoding="utf-8"))
     assert set(BUNDLED) <= set(metrics) and metrics["subject"]["phantom_seed"] == 9001
     for task in BUNDLED:
         assert (demo_out / f"{task}.png").stat().st_size > 10_000
@@ -49,7 +49,7 @@ def test_demo_writes_volumes_figures_and_metrics(demo_out, capsys):
 
 def test_bundled_models_reach_their_targets_on_the_demo_subject(demo_out):
     """The issue's targets on the held-out subject (generation: per-tissue means within 10 %)."""
-    m = json.loads((demo_out / "metrics.json").read_text())
+    m = json.loads((demo_out / "metrics.json").read_text(encoding="utf-8"))
     assert m["denoise"]["psnr_gain_db"] >= DENOISE_GAIN_DB
     assert m["translate"]["result"]["psnr"] >= 26 and m["translate"]["result"]["ssim"] >= 0.85
     dice = {name: v["dice"] for name, v in m["segment"]["labels"].items()}

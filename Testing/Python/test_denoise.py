@@ -110,7 +110,7 @@ def _write_bad(kind: str, path):
         a[1, 1, 1] = np.nan
         sitk.WriteImage(sitk.GetImageFromArray(a), str(path))
     elif kind == "text":
-        path.write_text("not an image")
+        path.write_text("not an image", encoding="utf-8")
     elif kind == "empty":
         path.write_bytes(b"")
 
@@ -222,7 +222,7 @@ def test_lora_finetune_adapts_to_a_noisier_site_and_leaves_the_base(tiny_model, 
     from DiffusionMICLib.models import load_model
     base_weights = (tiny_model / "model.safetensors").read_bytes()
     config = tmp_path / "finetune.json"
-    config.write_text(json.dumps({"cases": ["phantom_000"]}))     # phantom_001 is the site's held-out scan
+    config.write_text(json.dumps({"cases": ["phantom_000"]}), encoding="utf-8")     # phantom_001 is the site's held-out scan
     out = tmp_path / "tuned"
     assert cli_main(["finetune", "denoise", "--model", str(tiny_model), "--data", str(noisier_site), "--out", str(out),
                      "--lora-rank", "4", "--max-steps", "120", "--config", str(config), "--progress", "none"]) == 0

@@ -117,7 +117,7 @@ def env(tmp_path, monkeypatch, server, model_zip):
     def write(mode="range", file="tiny.zip", sha256=None, name="remote"):
         catalog.write_text(json.dumps({"models": [
             {"name": name, "task": "denoise", "description": "served on 127.0.0.1",
-             "url": f"{server}/{mode}/{file}", "sha256": sha256 or sha(Handler.files.get(file, b""))}]}))
+             "url": f"{server}/{mode}/{file}", "sha256": sha256 or sha(Handler.files.get(file, b""))}]}), encoding="utf-8")
     write()
     return write
 
@@ -268,9 +268,9 @@ def test_tampered_or_fake_weights_are_refused_on_import(env, tmp_path, capsys, m
     fake = tmp_path / "fake"                                  # a pickle renamed, card hash made to match
     shutil.copytree(model_dir, fake)
     (fake / "model.safetensors").write_bytes(b"\x80\x04\x95pickle-not-safetensors" * 8)
-    card = json.loads((fake / "model.json").read_text())
+    card = json.loads((fake / "model.json").read_text(encoding="utf-8"))
     card["sha256"] = sha((fake / "model.safetensors").read_bytes())
-    (fake / "model.json").write_text(json.dumps(card))
+    (fake / "model.json").write_text(json.dumps(card), encoding="utf-8")
     assert main(["models", "import", str(fake)]) == 2
     assert "not a valid safetensors" in one_line_error(capsys)
     assert cache_models(tmp_path) == []

@@ -111,7 +111,7 @@ def test_bad_latent_settings_one_line_and_nothing_written(phantom_dir, tmp_path,
             ("generate", {**SETTINGS, "autoencoder": {"network": {"channels": [16, 24]}}}, "must divide"),
             ("generate", {"task": {"from_labels": True}, "autoencoder": {}}, "for whole-volume generation")]:
         config = tmp_path / f"{name}.json"
-        config.write_text(json.dumps(settings))
+        config.write_text(json.dumps(settings), encoding="utf-8")
         out = tmp_path / f"out-{name}"
         assert cli_main(["train", name, "--data", str(phantom_dir), "--out", str(out), "--config", str(config),
                          "--max-steps", "1", "--progress", "none"]) != 0

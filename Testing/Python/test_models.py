@@ -46,8 +46,8 @@ def test_tampered_weights_are_refused(tmp_path):
 
 def test_unknown_card_field_and_task_rejected(tmp_path):
     save_model(tmp_path / "m", tiny_card(), build_network(tiny_card().network))
-    d = json.loads((tmp_path / "m" / "model.json").read_text())
-    (tmp_path / "m" / "model.json").write_text(json.dumps({**d, "task": "teleport"}))
+    d = json.loads((tmp_path / "m" / "model.json").read_text(encoding="utf-8"))
+    (tmp_path / "m" / "model.json").write_text(json.dumps({**d, "task": "teleport"}), encoding="utf-8")
     with pytest.raises(DiffusionMICError, match="teleport"):
         read_card(tmp_path / "m")
 
@@ -57,7 +57,7 @@ def test_catalog_names_resolve(tmp_path, monkeypatch, capsys):
     catalog = tmp_path / "models" / "catalog.json"
     catalog.write_text(json.dumps({"models": [
         {"name": "tiny", "task": "denoise", "path": "tiny", "description": "a tiny one"},
-        {"name": "remote", "task": "denoise", "url": "http://127.0.0.1:9/x.zip", "sha256": "0" * 64}]}))
+        {"name": "remote", "task": "denoise", "url": "http://127.0.0.1:9/x.zip", "sha256": "0" * 64}]}), encoding="utf-8")
     monkeypatch.setenv("DIFFUSIONMIC_CATALOG", str(catalog))
     monkeypatch.setenv("DIFFUSIONMIC_CACHE", str(tmp_path / "cache"))
     assert resolve_model("tiny") == tmp_path / "models" / "tiny"

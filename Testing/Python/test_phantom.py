@@ -56,7 +56,7 @@ def test_layout_and_dataset_json(dataset):
         expected |= {f"{v}/{case}_{c:04d}.nii.gz" for v in VARIANTS for c in range(4)}
     assert set(_digests(out)) == expected
 
-    meta = json.loads((out / "dataset.json").read_text())
+    meta = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert meta["channel_names"] == {"0": "T1", "1": "T2", "2": "PD", "3": "FLAIR"}
     assert meta["labels"] == {"background": 0, "CSF": 1, "GM": 2, "WM": 3, "lesion": 4}
     assert meta["numTraining"] == 2 and meta["file_ending"] == ".nii.gz"
@@ -131,7 +131,7 @@ def test_rewrite_is_byte_identical_and_removes_stale_cases(dataset, tmp_path):
     out, _ = dataset
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    (copy / "imagesTr" / "notes.txt").write_text("not a phantom file")
+    (copy / "imagesTr" / "notes.txt").write_text("not a phantom file", encoding="utf-8")
     calls = []
     ids = P.write_phantom(copy, subjects=1, seed=SEED, progress=lambda d, n: calls.append((d, n)))
     assert ids == ["phantom_000"] and calls == [(1, 1)]
@@ -140,7 +140,7 @@ def test_rewrite_is_byte_identical_and_removes_stale_cases(dataset, tmp_path):
     assert case0 and all(new[k] == old[k] for k in case0)      # same seed, same bytes
     assert not any("phantom_001" in k for k in new)             # stale case removed
     assert "imagesTr/notes.txt" in new
-    assert json.loads((copy / "dataset.json").read_text())["numTraining"] == 1
+    assert json.loads((copy / "dataset.json").read_text(encoding="utf-8"))["numTraining"] == 1
 
 
 def test_healthy_subject_without_noise():
@@ -297,7 +297,7 @@ def test_lesion_kinds_are_deterministic_and_written_with_their_labels(kinds, tmp
         assert np.array_equal(again.labels.array, kinds[kind].labels.array)
         assert np.array_equal(again.clean["FLAIR"].array, kinds[kind].clean["FLAIR"].array)
     P.write_phantom(tmp_path, subjects=1, seed=3, lesion_kind="tumour")
-    meta = json.loads((tmp_path / "dataset.json").read_text())
+    meta = json.loads((tmp_path / "dataset.json").read_text(encoding="utf-8"))
     assert meta["labels"] == {"background": 0, "CSF": 1, "GM": 2, "WM": 3, "tumour": 7, "oedema": 8,
                               "necrosis": 9}
     assert meta["phantom"]["lesion_kind"] == "tumour"

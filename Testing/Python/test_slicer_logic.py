@@ -222,7 +222,7 @@ FAKE_BACKEND = textwrap.dedent('''
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
     """A Logic whose backend is the fake above (on PYTHONPATH), and a folder for fake models."""
-    (tmp_path / "fake_diffusionmic.py").write_text(FAKE_BACKEND)
+    (tmp_path / "fake_diffusionmic.py").write_text(FAKE_BACKEND, encoding="utf-8")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
     logic = module.DiffusionMICLogic()
     logic.backendModule = "fake_diffusionmic"
@@ -336,7 +336,7 @@ def test_ui_file_matches_parameter_node_and_widget():
     required |= {f"{p.task}ScoreLabel" for p in panels.PANELS if p.showsScore}
     required |= {f"{p.task}ConditionComboBox" for p in panels.PANELS if "condition" in p.extraOptions}
     required |= {"compareProgressBar", "compareStatusLabel", "compareMetricsButton"}
-    source = "".join((MODULE_DIR / name).read_text() for name in (
+    source = "".join((MODULE_DIR / name).read_text(encoding="utf-8") for name in (
         "DiffusionMIC.py", "DiffusionMICModule/panelview.py", "DiffusionMICModule/text2imageview.py"))
     required |= set(re.findall(r"self\.ui\.(\w+)", source))
     assert set(re.findall(r'widget\((?:\w+, )?"(\w+)"', source)) <= set(suffixes)
@@ -358,12 +358,12 @@ def test_catalog_reader_agrees_with_library(tmp_path, monkeypatch, models):
     from DiffusionMICLib.cli import cmd_models
     cache = tmp_path / "cache"
     (cache / "cached-denoiser").mkdir(parents=True)
-    (cache / "cached-denoiser" / "model.json").write_text(Path(models["denoise"], "model.json").read_text())
+    (cache / "cached-denoiser" / "model.json").write_text(Path(models["denoise"], "model.json").read_text(encoding="utf-8"))
     entries = [{"name": "tiny-denoise", "task": "denoise", "description": "a tiny denoiser", "path": models["denoise"]},
                {"name": "cached-denoiser", "task": "denoise", "url": "https://example.org/x", "sha256": "0" * 64},
                {"name": "remote-segmenter", "task": "segment", "description": "not downloaded",
                 "url": "https://example.org/y", "sha256": "0" * 64}]
-    (tmp_path / "catalog.json").write_text(json.dumps({"models": entries}))
+    (tmp_path / "catalog.json").write_text(json.dumps({"models": entries}), encoding="utf-8")
     monkeypatch.setenv("DIFFUSIONMIC_CATALOG", str(tmp_path / "catalog.json"))
     monkeypatch.setenv("DIFFUSIONMIC_CACHE", str(cache))
     assert catalog.readCatalog() == libmodels.read_catalog() == entries
@@ -382,7 +382,7 @@ def test_catalog_reader_agrees_with_library(tmp_path, monkeypatch, models):
 
 def test_requirements_cover_the_library_dependencies():
     tomllib = pytest.importorskip("tomllib")
-    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
     name = lambda r: re.match(r"[A-Za-z0-9._-]+", r).group(0).lower()  # noqa: E731
     listed = {name(r) for r in catalog.readRequirements(REPO / "Resources" / "requirements.txt")}
     assert {name(r) for r in declared} - {"torch"} <= listed
@@ -393,11 +393,11 @@ def test_requirements_cover_the_library_dependencies():
 
 def test_card_defaults(models):
     logic = module.DiffusionMICLogic()
-    card = json.loads(Path(models["denoise"], "model.json").read_text())
+    card = json.loads(Path(models["denoise"], "model.json").read_text(encoding="utf-8"))
     assert logic.cardDefaults(models["denoise"]) == {**catalog.FALLBACK_DEFAULTS, "sampler": card["sampler"]["name"],
                                                      "steps": card["sampler"]["steps"]}
     if "anomaly" in models:
-        anomaly = json.loads(Path(models["anomaly"], "model.json").read_text())
+        anomaly = json.loads(Path(models["anomaly"], "model.json").read_text(encoding="utf-8"))
         assert logic.cardDefaults(models["anomaly"])["strength"] == anomaly["defaults"]["strength"]
     assert logic.cardDefaults("no-such-model") == catalog.FALLBACK_DEFAULTS
 
@@ -533,7 +533,7 @@ def test_cancel_kills_the_process_group(fake, phantom):
     pids = models / "slow" / "pids.json"
     poll_until(job, lambda: job.fraction > 0 and pids.exists(), timeout=60)
     assert job.state == "running"
-    ids = json.loads(pids.read_text())
+    ids = json.loads(pids.read_text(encoding="utf-8"))
     assert _alive(ids["backend"]) and _alive(ids["child"])
     job.cancel()
     assert job.process.reaped.wait(30)
@@ -715,7 +715,7 @@ def test_segment_real_backend(task_runs, models):
     result = _task_result(task_runs, "segment")
     t1 = task_runs["nodes"]["T1"]
     seg = result.outputNode
-    card = json.loads(Path(models["segment"], "model.json").read_text())
+    card = json.loads(Path(models["segment"], "model.json").read_text(encoding="utf-8"))
     names = {n for n, v in card["labels"].items() if v != 0}
     assert seg.IsA("vtkMRMLSegmentationNode") and seg.GetName() == "T1_segmentation"
     assert seg.GetDisplayNode() is not None
@@ -769,7 +769,7 @@ def test_generate_real_backend(task_runs, models):
     result = _task_result(task_runs, "generate")
     generated = list(result.nodes.values())
     assert len(generated) == 2 and result.outputNode is generated[0]
-    card = json.loads(Path(models["generate"], "model.json").read_text())
+    card = json.loads(Path(models["generate"], "model.json").read_text(encoding="utf-8"))
     assert [n.GetName() for n in generated] == [f"{card['name']}_generated_T1_1", f"{card['name']}_generated_T1_2"]
     from DiffusionMICLib.volume import Geometry
     grid = Geometry.from_dict(card["grid"])
@@ -924,7 +924,7 @@ def test_sample_phantom_loads_from_the_logic():
 
 def test_dependencies_are_checked_before_any_backend_call(monkeypatch, tmp_path):
     requirements = tmp_path / "requirements.txt"
-    requirements.write_text("numpy>=1\nsurely-not-installed-pkg>=1\n")
+    requirements.write_text("numpy>=1\nsurely-not-installed-pkg>=1\n", encoding="utf-8")
     monkeypatch.setattr(install.catalog, "resourcePath", lambda name="": str(tmp_path / name))
     started = []
     monkeypatch.setattr(module.DiffusionMICLogic, "_tempDir", lambda self: started.append(1))
@@ -936,7 +936,7 @@ def test_dependencies_are_checked_before_any_backend_call(monkeypatch, tmp_path)
 
 def test_torch_version_is_checked_and_passed_to_pytorchutils(monkeypatch):
     tomllib = pytest.importorskip("tomllib")
-    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
     assert "torch" + install.TORCH_REQUIREMENT in declared        # one range: the library's own
     assert install.torchInstalled() and module.DiffusionMICLogic.torchInstalled()
     monkeypatch.setattr(install, "TORCH_REQUIREMENT", ">=99")    # an installed torch that is too old
@@ -966,7 +966,7 @@ def test_torch_version_is_checked_and_passed_to_pytorchutils(monkeypatch):
 def test_self_test_is_defined_and_skips_without_dependencies(monkeypatch):
     """DiffusionMICTest runs inside Slicer; here: what it exercises, and its skip without torch/MONAI."""
     import unittest
-    source = (MODULE_DIR / "DiffusionMICModule" / "selftest.py").read_text()
+    source = (MODULE_DIR / "DiffusionMICModule" / "selftest.py").read_text(encoding="utf-8")
     for call in ("loadSamplePhantom", "denoise(", "compare(", "showSideBySide", "segment(", "translate(", "anomaly(",
                  "generate(", "cancel()", "inputSlots("):
         assert call in source, call

@@ -10,8 +10,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "DiffusionMIC"))
 from DiffusionMICModule import catalog, panels  # noqa: E402
 
-SEGMENT_CARD = json.loads((REPO / "Resources" / "Models" / "brain-mri-lesion-segment" / "model.json").read_text())
-GENERATE_CARD = json.loads((REPO / "Resources" / "Models" / "brain-mri-generate" / "model.json").read_text())
+SEGMENT_CARD = json.loads((REPO / "Resources" / "Models" / "brain-mri-lesion-segment" / "model.json").read_text(encoding="utf-8"))
+GENERATE_CARD = json.loads((REPO / "Resources" / "Models" / "brain-mri-generate" / "model.json").read_text(encoding="utf-8"))
 
 
 def test_every_catalog_task_has_a_panel():
@@ -86,5 +86,5 @@ def test_run_options_from_the_panel():
 
 def test_extension_packages_every_module_file():
     import re
-    listed = set(re.findall(r"\$\{MODULE_NAME\}Module/(\w+\.py)", (REPO / "DiffusionMIC" / "CMakeLists.txt").read_text()))
+    listed = set(re.findall(r"\$\{MODULE_NAME\}Module/(\w+\.py)", (REPO / "DiffusionMIC" / "CMakeLists.txt").read_text(encoding="utf-8")))
     assert listed == {p.name for p in (REPO / "DiffusionMIC" / "DiffusionMICModule").glob("*.py")}

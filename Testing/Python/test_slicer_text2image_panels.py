@@ -47,7 +47,7 @@ def base(tmp_path_factory):
     for i in range(4):
         Image.fromarray(np.full((16, 16), 60 * i, np.uint8)).save(data / f"{i}.png")
         rows.append(json.dumps({"file_name": f"{i}.png", "text": "axial T1 brain MRI"}))
-    (data / "metadata.jsonl").write_text("\n".join(rows))
+    (data / "metadata.jsonl").write_text("\n".join(rows), encoding="utf-8")
     pretrain(data, root / "base", max_steps=1, size="tiny", resolution=16, batch_size=2)
     return root / "base"
 
@@ -148,7 +148,7 @@ def test_base_choices_by_kind(monkeypatch, tmp_path):
     tuned = tmp_path / "cache" / "finetuned" / "site-denoiser"
     tuned.mkdir(parents=True)
     (tuned / catalog.CARD).write_text(json.dumps({"task": "denoise", "training": {"finetune": {
-        "base_model": "brain-mri-denoise"}}}))
+        "base_model": "brain-mri-denoise"}}}), encoding="utf-8")
     entries = DiffusionMICLogic.models("denoise")
     assert entries[-1] == {"name": "site-denoiser", "task": "denoise", "path": str(tuned),
                            "description": "Fine-tuned from brain-mri-denoise"}

@@ -24,7 +24,7 @@ def quick_denoise(tmp_path_factory, one_thread) -> Path:
 
 
 def test_quick_denoise_study_has_every_method(quick_denoise):
-    doc = json.loads((quick_denoise / "denoise.json").read_text())
+    doc = json.loads((quick_denoise / "denoise.json").read_text(encoding="utf-8"))
     expected = {m.name for m in denoise_study.methods(quick=True)}
     assert set(doc["methods"]) == expected
     for name, result in doc["methods"].items():
@@ -39,7 +39,7 @@ def test_quick_denoise_study_has_every_method(quick_denoise):
     assert doc["methods"]["diffusion-adapted"]["training"] == doc["methods"]["diffusion"]["training"]
     assert list(doc["methods"]["diffusion-adapted"]["tables"]) == ["phantom, 5 % noise", "real MR, 5 % noise"]
     assert not list((quick_denoise / "denoise" / "diffusion-adapted").glob("adapted-*"))
-    md = (quick_denoise / "denoise.md").read_text()
+    md = (quick_denoise / "denoise.md").read_text(encoding="utf-8")
     assert md.count("| Noisy input |") == len(doc["methods"]["noisy"]["tables"])
     assert "**" in md and (quick_denoise / "denoise.png").stat().st_size > 10_000
 
@@ -55,13 +55,13 @@ def test_resumed_study_does_not_retrain(quick_denoise, monkeypatch):
     monkeypatch.setattr("DiffusionMICLib.study.denoise.train", no_training)
     run_study("denoise", out=quick_denoise, quick=True, device="cpu", methods=["unet", "diffusion"])
     assert trained.stat().st_mtime_ns == before
-    doc = json.loads((quick_denoise / "denoise.json").read_text())
+    doc = json.loads((quick_denoise / "denoise.json").read_text(encoding="utf-8"))
     assert "nlm" in doc["methods"] and "unet" in doc["methods"]     # a partial rerun keeps the other rows
 
 
 def test_report_merges(quick_denoise, capsys):
     assert main(["study", "report", str(quick_denoise)]) == 0
-    report = (quick_denoise / "report.md").read_text()
+    report = (quick_denoise / "report.md").read_text(encoding="utf-8")
     assert report.startswith("# Does diffusion help? Measured here")
     assert "| denoise | phantom, 5 % noise | PSNR (dB) |" in report
     assert (quick_denoise / "report.png").is_file()
@@ -93,7 +93,7 @@ def test_data_set_without_the_channel(tmp_path, capsys):
     for case in ("a", "b"):
         sitk.WriteImage(sitk.GetImageFromArray(vol), str(data / "imagesTr" / f"{case}_0000.nii.gz"))
     (data / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0},
-                                                   "file_ending": ".nii.gz"}))
+                                                   "file_ending": ".nii.gz"}), encoding="utf-8")
     out = tmp_path / "out"
     assert main(["study", "denoise", "--data", str(data), "--out", str(out)]) == 2
     assert "needs channels T1" in capsys.readouterr().err

@@ -34,7 +34,7 @@ def quick(tmp_path_factory):
 
 def test_quick_study_writes_every_method(quick):
     """The quick study (its fixture) took 42 s here on a quiet 2-core machine, one torch thread."""
-    doc = json.loads((quick / "anomaly.json").read_text())
+    doc = json.loads((quick / "anomaly.json").read_text(encoding="utf-8"))
     assert list(doc["methods"]) == METHODS and doc["quick"] is True
     assert doc["data"]["test-healthy"]["lesions"] == 0 and doc["data"]["validation"]["lesions"] == 3
     assert doc["data"]["test-tumour"]["lesion_kind"] == "tumour"
@@ -57,7 +57,7 @@ def test_quick_study_writes_every_method(quick):
     assert floors["flair-negated"]["phantom, hypo lesions"]["voxel_auroc"] > \
         floors["flair"]["phantom, hypo lesions"]["voxel_auroc"]               # which negation sees better
     assert doc["methods"]["flair"]["training"] is None
-    text = (quick / "anomaly.md").read_text()
+    text = (quick / "anomaly.md").read_text(encoding="utf-8")
     assert "Top-1 error (volume)" in text and "Top-5" in text and "AUROC (voxel)" in text
     assert (quick / "anomaly.png").stat().st_size > 10_000
 
@@ -126,8 +126,8 @@ def test_bad_input_one_line_and_nothing_written(tmp_path, phantom_dir, capsys):
         run_study("anomaly", out=out, quick=True, methods=["patchcore"])
     no_flair = tmp_path / "no-flair"
     (no_flair / "imagesTr").mkdir(parents=True)
-    meta = json.loads((phantom_dir / "dataset.json").read_text())
-    (no_flair / "dataset.json").write_text(json.dumps({**meta, "channel_names": {"0": "T1"}}))
+    meta = json.loads((phantom_dir / "dataset.json").read_text(encoding="utf-8"))
+    (no_flair / "dataset.json").write_text(json.dumps({**meta, "channel_names": {"0": "T1"}}), encoding="utf-8")
     for case in ("phantom_000", "phantom_001"):
         (no_flair / "imagesTr" / f"{case}_0000.nii.gz").write_bytes(
             (phantom_dir / "imagesTr" / f"{case}_0000.nii.gz").read_bytes())

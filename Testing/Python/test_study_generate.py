@@ -61,7 +61,7 @@ def test_data_without_flair_writes_nothing(tmp_path: Path):
     data = tmp_path / "t1only"
     (data / "imagesTr").mkdir(parents=True)
     (data / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1"}, "labels": {"background": 0},
-                                                   "numTraining": 2, "file_ending": ".nii.gz"}))
+                                                   "numTraining": 2, "file_ending": ".nii.gz"}), encoding="utf-8")
     for case in ("a", "b"):
         sitk.WriteImage(sitk.GetImageFromArray(np.random.rand(4, 8, 8).astype(np.float32)),
                         str(data / "imagesTr" / f"{case}_0000.nii.gz"))
@@ -76,7 +76,7 @@ def test_quick_study_has_every_row(tmp_path_factory, one_thread):
     """`study generate --quick`: every method, one table per channel, the figure."""
     out = tmp_path_factory.mktemp("quick")
     written = run_study("generate", out=out, quick=True)
-    doc = json.loads(Path(written["json"]).read_text())
+    doc = json.loads(Path(written["json"]).read_text(encoding="utf-8"))
     assert list(doc["methods"]) == [m.name for m in study.methods(True)]
     for name, result in doc["methods"].items():
         assert list(result["tables"]) == ["phantom: T1", "phantom: FLAIR"], name
@@ -85,7 +85,7 @@ def test_quick_study_has_every_row(tmp_path_factory, one_thread):
         assert row["bright_tail_gap"] is not None
         assert result["seconds_per_volume"] > 0
     assert doc["methods"]["diffusion"]["conditions"] == ["healthy", "lesion"]
-    assert "nearest held-out real subject" in Path(written["markdown"]).read_text()
+    assert "nearest held-out real subject" in Path(written["markdown"]).read_text(encoding="utf-8")
     assert Path(written["figure"]).stat().st_size > 10_000
 
 

@@ -29,7 +29,7 @@ def quick(tmp_path_factory):
 
 def test_quick_study_writes_every_method(quick):
     """The quick study (its fixture) took 31 s here on a quiet 2-core machine, one torch thread."""
-    doc = json.loads((quick / "segment.json").read_text())
+    doc = json.loads((quick / "segment.json").read_text(encoding="utf-8"))
     assert list(doc["methods"]) == METHODS and doc["quick"] is True
     keys = [c["key"] for c in doc["columns"]]
     assert keys[0] == "mean_dice" and {f"hd95_{n}" for n in seg.LABELS} <= set(keys)
@@ -50,7 +50,7 @@ def test_quick_study_writes_every_method(quick):
     reference = np.load(quick / "segment" / "reference.npz")
     assert previews["labels"].shape == reference["labels"].shape == reference["FLAIR"].shape
     assert set(np.unique(reference["labels"])) <= {0, 1, 2, 3, 4} and 4 in reference["labels"]
-    text = (quick / "segment.md").read_text()
+    text = (quick / "segment.md").read_text(encoding="utf-8")
     assert "nnU-Net stand-in (MONAI DynUNet)" in text and "SegNet stand-in" in text and "**" in text
     assert (quick / "segment.png").stat().st_size > 10_000
 
@@ -88,8 +88,8 @@ def test_bad_input_one_line_and_nothing_written(tmp_path, phantom_dir, capsys):
         run_study("segment", out=out, quick=True, methods=["diffusion", "unet3d"])
     t1_only = tmp_path / "t1-only"
     (t1_only / "imagesTr").mkdir(parents=True)
-    meta = json.loads((phantom_dir / "dataset.json").read_text())
-    (t1_only / "dataset.json").write_text(json.dumps({**meta, "channel_names": {"0": "T1"}}))
+    meta = json.loads((phantom_dir / "dataset.json").read_text(encoding="utf-8"))
+    (t1_only / "dataset.json").write_text(json.dumps({**meta, "channel_names": {"0": "T1"}}), encoding="utf-8")
     for case in ("phantom_000", "phantom_001"):
         (t1_only / "imagesTr" / f"{case}_0000.nii.gz").write_bytes(
             (phantom_dir / "imagesTr" / f"{case}_0000.nii.gz").read_bytes())

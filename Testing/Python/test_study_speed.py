@@ -57,13 +57,13 @@ def test_headline_rows(tmp_path: Path, one_thread):
     """The MONAI path and DiffusionMIC's default on denoising, in one run: speed-up measured."""
     names = ["denoise-monai-ddpm-1000", "denoise-dmic-dpm++2m-4"]
     written = run_study("speed", out=tmp_path, quick=True, methods=names)
-    doc = json.loads(Path(written["json"]).read_text())
+    doc = json.loads(Path(written["json"]).read_text(encoding="utf-8"))
     table = speed.headline_table("denoise")
     peer, ours = (doc["methods"][n] for n in names)
     assert peer["tables"][table]["speedup"] == 1.0 and peer["family"] == "peer"
     assert ours["tables"][table]["speedup"] > 5, ours
     assert ours["volume_slices"] > ours["slab_slices"] == speed.SLAB[True]
-    assert f"## {table}" in Path(written["markdown"]).read_text()
+    assert f"## {table}" in Path(written["markdown"]).read_text(encoding="utf-8")
 
 
 def test_speed_is_a_study_choice_and_checks_methods(tmp_path: Path, capsys):
@@ -79,7 +79,7 @@ def test_speed_is_a_study_choice_and_checks_methods(tmp_path: Path, capsys):
 def test_quick_speed_study_has_every_row(tmp_path_factory):
     out = tmp_path_factory.mktemp("speed")
     written = run_study("speed", out=out, quick=True)
-    doc = json.loads(Path(written["json"]).read_text())
+    doc = json.loads(Path(written["json"]).read_text(encoding="utf-8"))
     assert [speed.sweep_steps(sub, "dmic") for sub in speed.SUBTASKS] == [(1, 2, 4)] * 2
     assert len(doc["methods"]) == 2 * (1 + len(speed.SAMPLERS) * (3 + len(speed.STEPS)))
     for sub in speed.SUBTASKS:

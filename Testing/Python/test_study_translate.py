@@ -93,7 +93,7 @@ def test_data_without_the_channels_writes_nothing(tmp_path: Path):
     data = tmp_path / "t1t2"
     (data / "imagesTr").mkdir(parents=True)
     (data / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1", "1": "T2"}, "labels": {"background": 0},
-                                                   "numTraining": 2, "file_ending": ".nii.gz"}))
+                                                   "numTraining": 2, "file_ending": ".nii.gz"}), encoding="utf-8")
     for case in ("a", "b"):
         for ch in range(2):
             sitk.WriteImage(sitk.GetImageFromArray(np.random.rand(4, 8, 8).astype(np.float32)),
@@ -109,7 +109,7 @@ def test_quick_study_has_every_row(tmp_path_factory):
     """`study translate --quick`: every method in every direction (the bundled model in its own), JSON, MD, PNG."""
     out = tmp_path_factory.mktemp("quick")
     written = run_study("translate", out=out, quick=True)
-    doc = json.loads(Path(written["json"]).read_text())
+    doc = json.loads(Path(written["json"]).read_text(encoding="utf-8"))
     names = [m.name for m in study.methods(True)]
     assert list(doc["methods"]) == names
     tables = [f"phantom: {', '.join(i)} → {o}" for i, o in study.DIRECTIONS]
@@ -118,6 +118,6 @@ def test_quick_study_has_every_row(tmp_path_factory):
         assert list(result["tables"]) == expected, name
         for row in result["tables"].values():
             assert 0 < row["psnr"] < 60 and 0 <= row["nmae"] < 1 and -1 <= row["ssim"] <= 1
-    text = Path(written["markdown"]).read_text()
+    text = Path(written["markdown"]).read_text(encoding="utf-8")
     assert all(f"## {t}" in text for t in tables)
     assert Path(written["figure"]).stat().st_size > 10_000

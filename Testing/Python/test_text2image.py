@@ -35,9 +35,9 @@ def write_images(folder: Path, captions: list[str], size: int = 16, jsonl: bool 
         Image.fromarray(img).save(folder / f"img_{i:02d}.png")
         rows.append({"file_name": f"img_{i:02d}.png", "text": text})
         if not jsonl:
-            (folder / f"img_{i:02d}.txt").write_text(text)
+            (folder / f"img_{i:02d}.txt").write_text(text, encoding="utf-8")
     if jsonl:
-        (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return folder
 
 
@@ -68,7 +68,7 @@ def test_offline_clip_tokenizer_matches_open_clip():
 
 def test_base_is_a_complete_diffusers_folder(work):
     root, _ = work
-    card = json.loads((root / "base" / "text2image.json").read_text())
+    card = json.loads((root / "base" / "text2image.json").read_text(encoding="utf-8"))
     assert card["kind"] == "text2image-base" and card["steps"] == 2 and card["vae_steps"] == 1
     pipe = load_base(root / "base")
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 16
@@ -98,7 +98,7 @@ def test_method_trains_only_its_own_parameters(work, method):
         assert all(torch.equal(v, _state(tuned.text_encoder)[k]) for k, v in text.items())
         assert info["trainable_parameters"] == sum(v.numel() for v in base.unet.parameters())
     else:
-        card = json.loads((out / "adapter.json").read_text())
+        card = json.loads((out / "adapter.json").read_text(encoding="utf-8"))
         assert card["base_sha256"] == base_sha256(root / "base") and card["method"] == method
         assert sorted(p.name for p in out.iterdir()) == sorted(card["files"] + ["adapter.json"])
     if method == "embedding":                                      # one row of the embedding table
@@ -129,7 +129,7 @@ def test_dreambooth_prior_preservation_term_is_applied(work):
     with_prior = finetune(root / "base", concept, "dreambooth", root / "db-prior", prior_images=2, **args)
     without = finetune(root / "base", concept, "dreambooth", root / "db-none", **args)
     assert without["prior_loss"] is None and with_prior["prior_loss"] > 0
-    card = json.loads((root / "db-prior" / "text2image.json").read_text())["finetune"]
+    card = json.loads((root / "db-prior" / "text2image.json").read_text(encoding="utf-8"))["finetune"]
     assert card["prior_images"] == 2 and card["prior_weight"] == 1.0
     a, b = load_base(root / "db-prior").unet.state_dict(), load_base(root / "db-none").unet.state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a)              # the prior term changed the gradients
@@ -206,7 +206,7 @@ def test_slices_command_captions_contrast_level_and_lesion(tmp_path, capsys):
     write_phantom(tmp_path / "ph", subjects=1, seed=3, resolution=2.0, noise=2.0, lesions=3)
     assert main(["text2image", "slices", str(tmp_path / "ph"), str(tmp_path / "sl"), "--channels", "PD",
                  "--resolution", "16", "--every", "4", "--progress", "none"]) == 0
-    rows = [json.loads(line) for line in (tmp_path / "sl" / "metadata.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "sl" / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
     texts = {r["text"] for r in rows}
     assert {f"axial PD brain MRI, {lvl} slice" for lvl in ("lower", "middle", "upper")} <= texts
     assert any(t.endswith("with lesion") for t in texts)
@@ -222,11 +222,11 @@ def test_study_command_writes_table_figure_and_results(work, tmp_path):
                  "--sizes", "2,4", "--prompts", PROMPT, "--methods", "lora,embedding", "--token", "PD",
                  "--max-steps", "1", "--count", "2", "--steps", "2", "--out", str(tmp_path / "study"),
                  "--progress", "none"]) == 0
-    result = json.loads((tmp_path / "study" / "results.json").read_text())
+    result = json.loads((tmp_path / "study" / "results.json").read_text(encoding="utf-8"))
     assert [(r["method"], r["images"]) for r in result["runs"]] == [
         ("base", 0), ("lora", 2), ("lora", 4), ("embedding", 2), ("embedding", 4)]
     scores = result["runs"][1]["prompts"][PROMPT]
     assert len(scores["psnr"]) == 2 and all(-1 <= s <= 1 for s in scores["ssim"]) and scores["mmd"] == scores["mmd"]
-    table = (tmp_path / "study" / "table.md").read_text()
+    table = (tmp_path / "study" / "table.md").read_text(encoding="utf-8")
     assert "| embedding | 4 |" in table and "cannot be reproduced" in table and "Base (tiny, 16 px)" in table
     assert (tmp_path / "study" / "study.png").stat().st_size > 10_000

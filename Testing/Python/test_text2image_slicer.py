@@ -40,7 +40,7 @@ def base(tmp_path_factory):
     for i in range(4):
         Image.fromarray(np.full((16, 16), 60 * i, np.uint8)).save(data / f"{i}.png")
         rows.append(json.dumps({"file_name": f"{i}.png", "text": "axial T1 brain MRI"}))
-    (data / "metadata.jsonl").write_text("\n".join(rows))
+    (data / "metadata.jsonl").write_text("\n".join(rows), encoding="utf-8")
     pretrain(data, root / "base", max_steps=1, size="tiny", resolution=16, batch_size=2)
     return root / "base"
 
@@ -62,7 +62,7 @@ def test_finetune_from_scene_volumes_lists_the_new_model(base, tmp_path):
     seen = []
     job = logic.startFineTune("base", "embedding", "pd-embedding", volumeNodes=[volume("PD 1", 0), volume("PD 2", 9)],
                               captions=[PROMPT, PROMPT], maxSteps=2, token="PD", onProgress=seen.append)
-    assert (job.workDir / "images" / "metadata.jsonl").read_text().count(PROMPT) == 6    # 3 non-empty slices each
+    assert (job.workDir / "images" / "metadata.jsonl").read_text(encoding="utf-8").count(PROMPT) == 6    # 3 non-empty slices each
     job.wait(timeout=TIMEOUT)
     result = logic.finishFineTune(job)
     assert result["method"] == "embedding" and result["images"] == 6
@@ -91,7 +91,7 @@ def test_cancel_leaves_no_model(base, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     Image.fromarray(np.full((16, 16), 90, np.uint8)).save(data / "a.png")
-    (data / "a.txt").write_text(PROMPT)
+    (data / "a.txt").write_text(PROMPT, encoding="utf-8")
     job = logic.startFineTune(str(base), "lora", "cancelled", dataDir=str(data), maxSteps=100000)
     deadline = time.monotonic() + TIMEOUT
     while not job.poll() and job.progress.get("stage") != "finetune lora" and time.monotonic() < deadline:
@@ -108,7 +108,7 @@ def test_failures_add_nothing(base, tmp_path):
     logic = Text2ImageLogic(modelsDir=tmp_path / "models")
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "model_index.json").write_text("{}")
+    (broken / "model_index.json").write_text("{}", encoding="utf-8")
     before = slicer.mrmlScene.GetNumberOfNodes()
     with pytest.raises(BackendError, match="is incomplete"):
         logic.generate(str(broken), PROMPT, timeout=TIMEOUT)

@@ -105,7 +105,7 @@ tr.close()
 
 def test_ddp_two_processes_gloo(tmp_path):
     script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT.format(testdir=str(Path(__file__).parent)))
+    script.write_text(DDP_SCRIPT.format(testdir=str(Path(__file__).parent)), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # --standalone: torchrun picks a free port itself (no race between choosing one and binding it)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -64,7 +64,7 @@ def perturbed_model(tmp_path_factory, data, task, name, settings=None):
 
 def write_msd(src, out, cases=("phantom_000",)):
     """An MSD-layout data set (one 4D image per case, `modality`, `labels`, `training`) from phantom files."""
-    meta = json.loads((src / "dataset.json").read_text())
+    meta = json.loads((src / "dataset.json").read_text(encoding="utf-8"))
     names = [meta["channel_names"][k] for k in sorted(meta["channel_names"], key=int)]
     (out / "imagesTr").mkdir(parents=True)
     (out / "labelsTr").mkdir()
@@ -77,7 +77,7 @@ def write_msd(src, out, cases=("phantom_000",)):
     (out / "dataset.json").write_text(json.dumps({
         "name": "phantom-msd", "modality": {str(i): n for i, n in enumerate(names)},
         "labels": {str(v): k for k, v in meta["labels"].items()}, "numTraining": len(training),
-        "training": training, "test": []}))
+        "training": training, "test": []}), encoding="utf-8")
     return out
 
 

@@ -211,7 +211,7 @@ def test_bad_inputs(tmp_path):
     assert_one_line_error(tmp_path / "nan.nrrd", "2 voxels are NaN")
     (tmp_path / "empty.nii.gz").write_bytes(b"")
     assert_one_line_error(tmp_path / "empty.nii.gz", "empty file")
-    (tmp_path / "text.nii.gz").write_text("not an image\n")
+    (tmp_path / "text.nii.gz").write_text("not an image\n", encoding="utf-8")
     assert_one_line_error(tmp_path / "text.nii.gz", "not a readable image")
     assert_one_line_error(tmp_path / "missing.nrrd", "no such file")
     with pytest.raises(VolumeError, match="'T1 input': no such file"):
