@@ -21,6 +21,13 @@ class TrainingCase:
     focus: list[np.ndarray] | None = None  # (N, 3) voxel indices per rare class, for oversampling
 
 
+def whole_crop(shape: tuple[int, ...]) -> np.ndarray:
+    """A foreground of one voxel, the centre: a crop of the whole array's size is then never shifted."""
+    centre = np.zeros(shape, bool)
+    centre[tuple(s // 2 for s in shape)] = True
+    return centre
+
+
 def _crop(a: np.ndarray, starts: list[int], size: list[int], fill: float) -> np.ndarray:
     """Crop (C, *spatial) at starts with size, padding with `fill` where it runs outside."""
     out = np.full((a.shape[0], *size), fill, np.float32)

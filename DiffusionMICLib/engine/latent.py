@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import DiffusionMICError
 from ..progress import Progress
 from .adversarial import Critic
-from .batches import TrainingCase, random_batches
+from .batches import TrainingCase, random_batches, whole_crop
 from .network import build_network
 from .schedule import NoiseSchedule
 from .trainer import Batch, TrainConfig, Trainer
@@ -188,15 +188,8 @@ def encode_cases(model: LatentModel, cases: list[TrainingCase], device: torch.de
         x = torch.from_numpy(case.target[None]).to(device)
         for image in (x, x.flip(-1)):
             z = model.encode(image)[0].cpu().numpy()
-            out.append(TrainingCase(target=z, label=case.label, foreground=_centre(z.shape[1:])))
+            out.append(TrainingCase(target=z, label=case.label, foreground=whole_crop(z.shape[1:])))
     return out
-
-
-def _centre(shape: tuple[int, ...]) -> np.ndarray:
-    """Crops of the whole latent, never shifted."""
-    centre = np.zeros(shape, bool)
-    centre[tuple(s // 2 for s in shape)] = True
-    return centre
 
 
 def prepare(latent: dict[str, Any], model: LatentModel, cases: list[TrainingCase], folder: Path,

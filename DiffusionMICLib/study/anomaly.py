@@ -26,8 +26,8 @@ from ..progress import Progress
 from ..tasks import get_task
 from ..tasks.anomaly import PHANTOM_LESION, Reconstruct, brain_mask, lesion_reference
 from ..volume import Volume
-from .core import PHANTOM_TEST_SEED, Context, Evaluation, Method, budget_recipe, bundled_note
-from .learners import SupervisedTrainer, fit_supervised, load_baseline
+from .core import PHANTOM_TEST_SEED, Context, Evaluation, Method, budget_recipe, budget_used, bundled_note
+from .learners import SupervisedTrainer, fit_supervised, load_baseline, windowed
 from .segment import cut_slab, largest_slice
 
 TASK = "anomaly"
@@ -280,8 +280,7 @@ def _fit_diffusion(task: dict[str, Any] | None):
         card = train(TASK, ctx.data.train_dir, folder / "model", device=str(ctx.device),
                      settings=budget_recipe(ctx, RECIPE, QUICK_NETWORK, **(task or {})),
                      progress=ctx.progress, resume=True)
-        t = card.training
-        return {"steps": t["steps"], "batch_size": t["config"]["batch_size"], "wall_time_s": t["wall_time_s"]}
+        return budget_used(card.training)
     return fit
 
 
@@ -339,18 +338,15 @@ def _fit_reconstruction(kind: str, quick: bool):
 
 
 def network_reconstruction(net: torch.nn.Module, patch: list[int], device: torch.device) -> Reconstruct:
-    """A trained (V)AE's reconstruction of whole slices by Gaussian-weighted sliding windows of its
-    training patch (a VAE's dense latent needs that size)."""
-    from monai.inferers import sliding_window_inference
-
+    """A trained (V)AE's reconstruction of whole slices by sliding windows of its training patch
+    (learners.windowed; a VAE's dense latent needs that size)."""
     def window(x: torch.Tensor) -> torch.Tensor:
         y = net(x)
         return y[0] if isinstance(y, tuple) else y
 
     def predict(c: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         with torch.inference_mode():
-            return sliding_window_inference(c.to(device), tuple(patch), 32, window, overlap=0.5, mode="gaussian",
-                                            padding_mode="constant", cval=-1.0)
+            return windowed(window, c.to(device), tuple(patch))
 
     def reconstruct(x: np.ndarray, crop: tuple[slice, ...]) -> Iterator[np.ndarray]:
         yield infer_slices(predict, x, x.shape[0], tuple(x.shape[1:]), factor=1, batch_size=16, crop=crop)

@@ -162,6 +162,12 @@ def budget_recipe(ctx: Context, recipe: dict[str, Any], quick_network: dict[str,
     return settings
 
 
+def budget_used(training: dict[str, Any]) -> dict[str, Any]:
+    """The budget a diffusion model trained with (its card's `training`), as the tables give it."""
+    return {"steps": training["steps"], "batch_size": training["config"]["batch_size"],
+            "wall_time_s": training["wall_time_s"]}
+
+
 def bundled_note(name: str, extra: str = "") -> str:
     """The table note of a bundled model's row: the budget it was trained with (not the study's)."""
     try:

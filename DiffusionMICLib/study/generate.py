@@ -21,7 +21,7 @@ from ..tasks import RunOptions, get_task
 from ..tasks.generate import NORMALISATION, onto_grid, sample_key
 from ..volume import Geometry, Volume
 from .adversarial import AdversarialTrainer, VAETrainer
-from .core import Context, Evaluation, Method, bundled_note
+from .core import Context, Evaluation, Method, budget_used, bundled_note
 from .learners import fit_supervised, load_baseline, one_step_card
 
 TASK = "generate"
@@ -206,17 +206,15 @@ def write_reference(ctx: Context) -> None:
 # ---- methods ----------------------------------------------------------------------------------
 
 def _fit_diffusion(ctx: Context, folder: Path) -> dict[str, Any]:
-    t = train(TASK, ctx.data.train_dir, folder / "model", settings=recipe(ctx), device=str(ctx.device),
-              progress=ctx.progress, resume=True).training
-    return {"steps": t["steps"], "batch_size": t["config"]["batch_size"], "wall_time_s": t["wall_time_s"]}
+    return budget_used(train(TASK, ctx.data.train_dir, folder / "model", settings=recipe(ctx), device=str(ctx.device),
+                             progress=ctx.progress, resume=True).training)
 
 
 def _fit_latent(ctx: Context, folder: Path) -> dict[str, Any]:
     t = train(TASK, ctx.data.train_dir, folder / "model", settings=latent_recipe(ctx), device=str(ctx.device),
               progress=ctx.progress, resume=True)
     ae = t.latent["training"]
-    return {"steps": t.training["steps"], "batch_size": t.training["config"]["batch_size"],
-            "wall_time_s": round(t.training["wall_time_s"] + ae["wall_time_s"], 1),
+    return {**budget_used(t.training), "wall_time_s": round(t.training["wall_time_s"] + ae["wall_time_s"], 1),
             "autoencoder": {k: ae[k] for k in ("steps", "batch_size", "patch", "wall_time_s")}}
 
 

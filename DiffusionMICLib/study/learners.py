@@ -219,6 +219,14 @@ def fit_supervised(ctx: Context, folder: Path, card: ModelCard, kind: str, spec:
 
 # ---- running a baseline through the task's pipeline --------------------------------------------
 
+def windowed(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, window: tuple[int, ...]) -> torch.Tensor:
+    """net over x by Gaussian-weighted sliding windows of its training crop (overlap 0.5, MONAI;
+    background -1 outside), as nnU-Net infers: a network trained on crops sees crop-sized inputs."""
+    from monai.inferers import sliding_window_inference
+    return sliding_window_inference(x, window, 32, net, overlap=0.5, mode="gaussian", padding_mode="constant",
+                                    cval=-1.0)
+
+
 class AsX0(torch.nn.Module):
     """A trained baseline in the diffusion network's place. The pipeline calls
     network(cat[x_t, cond], t); this ignores x_t and t and returns the baseline's output from
@@ -234,13 +242,11 @@ class AsX0(torch.nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """`factor`: pad the slices to multiples of the baseline's own down-sampling factor
         (background value -1) and crop its output back. `window`: run the network instead by
-        Gaussian-weighted sliding windows of that size (overlap 0.5, MONAI), as nnU-Net infers:
-        a network with instance norm, trained on crops, then sees crop-sized statistics."""
+        sliding windows of that size (`windowed`): a network with instance norm, trained on crops,
+        then sees crop-sized statistics."""
         cond = x[:, self.skip:]
         if self.window is not None:
-            from monai.inferers import sliding_window_inference
-            out = sliding_window_inference(cond, self.window, 32, self.net, overlap=0.5, mode="gaussian",
-                                           padding_mode="constant", cval=-1.0)
+            out = windowed(self.net, cond, self.window)
             return self.post(out) if self.post is not None else out
         h, w = cond.shape[-2:]
         pad = [0, -w % self.factor, 0, -h % self.factor]

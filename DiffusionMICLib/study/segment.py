@@ -22,7 +22,7 @@ from ..models import ModelCard, read_card, resolve_model
 from ..progress import Progress
 from ..tasks import RunOptions, RunResult, get_task
 from ..volume import Volume
-from .core import Context, Evaluation, Method, budget_recipe, bundled_note, write_json
+from .core import Context, Evaluation, Method, budget_recipe, budget_used, bundled_note, write_json
 from .learners import AsX0, fit_supervised, load_baseline, one_step_card
 
 TASK = "segment"
@@ -210,8 +210,7 @@ def _fit_diffusion(ctx: Context, folder: Path, **task: Any) -> dict[str, Any]:
     card = train(TASK, ctx.data.train_dir, folder / "model", device=str(ctx.device),
                  settings=budget_recipe(ctx, RECIPE, QUICK_NETWORK, **task),
                  progress=ctx.progress, resume=True)
-    t = card.training
-    return {"steps": t["steps"], "batch_size": t["config"]["batch_size"], "wall_time_s": t["wall_time_s"]}
+    return budget_used(card.training)
 
 
 def _fit_dice_ce(ctx: Context, folder: Path) -> dict[str, Any]:

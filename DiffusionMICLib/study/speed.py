@@ -29,7 +29,7 @@ from ..tasks.translate import input_mask
 from ..volume import Volume
 from . import denoise as denoise_study
 from . import translate as translate_study
-from .core import Context, Evaluation, Method
+from .core import Context, Evaluation, Method, budget_used
 from .denoise import _largest_slice, rician, slab
 from .learners import one_step_card
 
@@ -174,9 +174,7 @@ def _fit(sub: str, recipe: str) -> Callable[[Context, Path], dict[str, Any]]:
             train(sub, ctx.data.train_dir, where, settings=settings(ctx, sub, recipe), device=str(ctx.device),
                   progress=ctx.progress, resume=True,
                   trainer_cls=MonaiRecipeTrainer if recipe == "monai" else Trainer)
-        t = read_card(where).training
-        return {"steps": t["steps"], "batch_size": t["config"]["batch_size"], "wall_time_s": t["wall_time_s"],
-                "model": str(where)}
+        return {**budget_used(read_card(where).training), "model": str(where)}
     return fit
 
 

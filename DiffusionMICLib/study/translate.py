@@ -22,7 +22,7 @@ from ..tasks import RunOptions, get_task
 from ..tasks.translate import NORMALISATION
 from ..volume import Volume
 from .adversarial import AdversarialTrainer, CycleTrainer
-from .core import Context, Evaluation, Method, bundled_note
+from .core import Context, Evaluation, Method, budget_used, bundled_note
 from .denoise import _largest_slice, slab
 from .learners import AsX0, fit_supervised, load_baseline, network, one_step_card, save_baseline
 
@@ -188,8 +188,7 @@ def _finished(where: Path) -> dict[str, Any] | None:
     if (where / "baseline.json").is_file():
         return json.loads((where / "baseline.json").read_text(encoding="utf-8"))["training"]
     if (where / "model" / "model.json").is_file():
-        t = read_card(where / "model").training
-        return {"steps": t["steps"], "batch_size": t["config"]["batch_size"], "wall_time_s": t["wall_time_s"]}
+        return budget_used(read_card(where / "model").training)
     return None
 
 

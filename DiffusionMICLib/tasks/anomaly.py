@@ -15,17 +15,18 @@ multi-octave simplex noise (`engine.simplex`) as in AnoDDPM; {"task": {"noise": 
 "gaussian"}}} switches both to Gaussian (card.defaults["noise"]).
 
 Run: noise the input to depth `--strength` (card default 0.3 of the schedule; 0.5 for a masked
-model), reconstruct with the sampler, anomaly map = mean over channels of |input - reconstruction| (normalised units),
-Gaussian-smoothed (card.defaults["smooth_mm"], sigma in mm), averaged over `--ensemble` draws
-(seeds seed, seed+1, ...) and set to 0 outside the input's foreground (Otsu union over channels,
-holes filled, eroded by card.defaults["erode_mm"] = 2 mm: the brain's outer edge is where a
-reconstruction errs most on healthy tissue). Outputs on the input's exact grid: "output" the
-map (float32) and "mask" (uint8) = map > card.defaults["threshold"] (a model without one uses
-median + 5 MAD of its own map). RunResult.info["score"] is the mean of the top 0.1 %
-of map values inside the foreground (card.defaults["top_fraction"]: lesions are ~0.1 % of a
-brain, and top 0.1 % separated healthy from lesioned phantom subjects better than top 1 %);
-info["anomalous"] says whether it exceeds card.defaults["score_threshold"]. `detect` makes the
-same map, mask and score from any reconstruction (the study's autoencoder baselines use it).
+model), reconstruct with the sampler, anomaly map = mean over channels of |input -
+reconstruction| (normalised units), Gaussian-smoothed (card.defaults["smooth_mm"], sigma in mm),
+averaged over `--ensemble` draws (seeds seed, seed+1, ...) and set to 0 outside the input's
+foreground (Otsu union over channels, holes filled, eroded by card.defaults["erode_mm"] = 2 mm:
+the brain's outer edge is where a reconstruction errs most on healthy tissue). Outputs on the
+input's exact grid: "output" the map (float32) and "mask" (uint8) = map >
+card.defaults["threshold"] (a model without one uses median + 5 MAD of its own map).
+RunResult.info["score"] is the mean of the top 0.1 % of map values inside the foreground
+(card.defaults["top_fraction"]: lesions are ~0.1 % of a brain, and top 0.1 % separated healthy
+from lesioned phantom subjects better than top 1 %); info["anomalous"] says whether it exceeds
+card.defaults["score_threshold"]. `detect` makes the same map, mask and score from any
+reconstruction (the study's autoencoder baselines use it).
 
 Masked reconstruction ({"task": {"masked": {"box": B}}}, after pDDPM, Behrendt et al. 2023): the
 model also sees the clean image with a checkerboard of B x B boxes blanked (every other box in y

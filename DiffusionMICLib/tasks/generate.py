@@ -52,7 +52,7 @@ import torch
 from scipy import ndimage
 
 from ..datasets import Case, Dataset
-from ..engine.batches import TrainingCase
+from ..engine.batches import TrainingCase, whole_crop
 from ..engine.latent import autoencoder_factor, latent_spec
 from ..engine.network import downsampling_factor, network_config
 from ..engine.sampling import sample_volume
@@ -168,9 +168,7 @@ class Generate(Task):
         if card.inputs:
             return from_labels.training_cases(card, dataset, cases)
         grid = Geometry.from_dict(card.grid)
-        shape = grid.size[::-1]
-        centre = np.zeros(shape, bool)
-        centre[tuple(s // 2 for s in shape)] = True     # crops of the whole grid, never shifted
+        centre = whole_crop(grid.size[::-1])
         out = []
         for case in cases:
             for volumes, label in self._examples(card, dataset, case):
