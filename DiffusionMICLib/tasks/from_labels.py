@@ -3,7 +3,9 @@ images that match a given tissue label map — the phantom's, or a segmentation 
 e.g. paired synthetic images with labels for training other models.
 
 Training settings {"task": {"from_labels": true, "channels": [...]}} (default: every channel of
-the data set; "variant": e.g. "cleanTr", default imagesTr as acquired, noise included). The model
+the data set; "variant": e.g. "cleanTr", default imagesTr as acquired, noise included;
+"oversample": the fraction of crops centred on a labelled voxel, default 2/3, the rest anywhere,
+so that background-only slices are learned too). The model
 is a 2D slice model, like translate's: conditioned by channel concatenation on the one-hot label
 map (one channel per label of dataset.json, background included, in {-1, 1}) of the slice and of
 `context` slices each side (default 1); each generated channel normalised on its own (its 99.5th
@@ -24,7 +26,6 @@ import torch
 
 from ..datasets import Case, Dataset
 from ..engine.batches import TrainingCase
-from ..engine.inference import bounding_box
 from ..engine.network import network_config
 from ..engine.sampling import sample_volume
 from ..engine.space import ModelSpace, from_unit
@@ -35,6 +36,8 @@ from ..volume import Volume
 from .base import RunOptions
 from .segment import case_labels, dataset_labels, on_model_grid, one_hot
 from .translate import NORMALISATION, SCHEDULE, normalise
+
+OVERSAMPLE = 2 / 3     # the fraction of training crops centred on a labelled voxel; the rest anywhere
 
 
 def make_card(dataset: Dataset, settings: dict[str, Any]) -> ModelCard:
@@ -58,7 +61,8 @@ def make_card(dataset: Dataset, settings: dict[str, Any]) -> ModelCard:
         labels=labels, patch=settings.get("patch", [64, 64]), context=context,
         sampler={"name": "dpm++2m", "steps": 10, **settings.get("sampler", {})},
         defaults=dict(settings.get("defaults", {})),
-        training={"config": settings.get("train", {}), "variant": spec.get("variant")},
+        training={"config": settings.get("train", {}), "variant": spec.get("variant"),
+                  "oversample": float(spec.get("oversample", OVERSAMPLE))},
     )
 
 
@@ -70,8 +74,10 @@ def training_cases(card: ModelCard, dataset: Dataset, cases: list[Case]) -> list
         images = [case.read(ch, variant) for ch in card.outputs]
         space = ModelSpace.enter(images, card.orientation, card.spacing)
         lab = case_labels(case, images, space, "generation from labels")
+        # Crops centred anywhere (foreground=None), `oversample` of them on a labelled voxel: a label map
+        # also holds slices of background only, which a model trained on brain-centred crops filled with tissue.
         out.append(TrainingCase(target=normalise(space.arrays, card.normalisation), cond=one_hot(lab, values),
-                                foreground=lab > 0))
+                                focus=[np.argwhere(lab > 0)]))
     return out
 
 
@@ -104,11 +110,10 @@ def samples(card: ModelCard, network: torch.nn.Module, volumes: list[Volume], op
     if not np.any(lab > 0):
         raise DiffusionMICError("the label map is empty: it holds no label but background")
     cond = one_hot(lab, list(card.labels.values()))
-    crop = bounding_box(lab > 0, 4)
     out = []
     for i in range(options.count):
         x = sample_volume(card, network, cond, sampler=options.sampler, steps=options.steps,
                           generator=torch.Generator().manual_seed(options.seed + i), device=device,
-                          progress=progress, batch_size=options.batch_size, crop=crop)
+                          progress=progress, batch_size=options.batch_size)     # the whole grid: background too
         out.append([space.leave(from_unit(np.clip(c, -1.0, None), 1.0).astype(np.float32)) for c in x])
     return out
