@@ -29,7 +29,7 @@ test-slow: venv
 benchmark: venv
 	$(VENV)/bin/diffusion-mic benchmark
 
-# Retrain the five bundled models (about 2 hours on 2 CPU cores; see Resources/Models/train.sh).
+# Retrain the six bundled models (about 2.5 hours on 2 CPU cores; see Resources/Models/train.sh).
 models: venv
 	Resources/Models/train.sh
 

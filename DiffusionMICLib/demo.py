@@ -1,8 +1,9 @@
 """`diffusion-mic demo`: the main job, all five tasks with the bundled models on a held-out phantom subject.
 
 It writes one phantom subject from a seed that training never uses (2 mm, 5 % Rician noise),
-runs denoising (T1), T1 + T2 -> FLAIR, segmentation, anomaly detection and generation with the
-bundled models (Resources/Models), and writes into --out: the subject's images and labels and
+runs denoising (T1), T1 + T2 -> FLAIR, segmentation, anomaly detection, generation and generation
+from the subject's label map (the bundled segmenter's Dice on the drawn images) with the bundled
+models (Resources/Models), and writes into --out: the subject's images and labels and
 every result as NRRD (load them side by side in Slicer), metrics.json, one PNG per task
 (input | result | reference | difference, axial and coronal through the largest lesion) and
 summary.png. It prints a table of the metrics against the targets of the bundled models.
@@ -24,7 +25,8 @@ from .volume import write_volume
 
 HELDOUT_SEED = 9001
 BUNDLED = {"denoise": "brain-mri-denoise", "translate": "brain-mri-t1t2-to-flair",
-           "segment": "brain-mri-lesion-segment", "anomaly": "brain-mri-anomaly", "generate": "brain-mri-generate"}
+           "segment": "brain-mri-lesion-segment", "anomaly": "brain-mri-anomaly", "generate": "brain-mri-generate",
+           "from-labels": "brain-mri-labels-to-mri"}
 
 
 def main(out: Path, progress: Progress | None = None, device: str = "auto") -> dict[str, Any]:
@@ -44,6 +46,8 @@ def main(out: Path, progress: Progress | None = None, device: str = "auto") -> d
         t = time.perf_counter()
         if task == "generate":
             outcome = heldout.generate(model, [case], progress, count=2, device=device)
+        elif task == "from-labels":
+            outcome = heldout.from_labels(model, case, progress, device=device)
         else:
             outcome = heldout.RUNNERS[task](model, case, progress, device=device)
         for stem, volume in outcome.outputs.items():
@@ -65,7 +69,8 @@ def main(out: Path, progress: Progress | None = None, device: str = "auto") -> d
 
 
 def table(m: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
-    """(task, metric, baseline, result, target) rows; the baseline is the input or the input copied."""
+    """(task, metric, baseline, result, target) rows; the baseline is the input or the input copied (from
+    labels: the segmenter's Dice on the real images)."""
     f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     d, t, s, a = m["denoise"], m["translate"], m["segment"], m["anomaly"]
     rows = [("denoise", "PSNR dB (T1, 5 %)", f(d["input"]["psnr"]), f(d["result"]["psnr"]), "input + 6"),
@@ -78,6 +83,10 @@ def table(m: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     for ch, g in m["generate"]["per_channel"].items():
         rows.append(("generate", f"tissue mean err % ({ch})", "-", f(100 * max(g["tissue_mean_relative_error"]), 1),
                      "<= 10"))
+    seg = m["from-labels"]["segmenter"]
+    for name, dice in seg["dice_drawn"].items():
+        rows.append(("labels", f"Dice {name} (drawn)", f(seg["dice_real"][name], 3), f(dice, 3),
+                     "" if name == "lesion" else ">= 0.85"))
     return rows
 
 

@@ -1,4 +1,4 @@
-"""The main job: `diffusion-mic demo` runs the five bundled models on a held-out phantom subject."""
+"""The main job: `diffusion-mic demo` runs the six bundled models on a held-out phantom subject."""
 import json
 
 import numpy as np
@@ -23,7 +23,8 @@ def demo_out(tmp_path_factory):
 def test_bundled_models_are_in_the_catalog_verified_and_small():
     names = {e["name"]: e["task"] for e in read_catalog()}
     total = 0
-    for task, name in BUNDLED.items():
+    for key, name in BUNDLED.items():
+        task = "generate" if key == "from-labels" else key
         assert names[name] == task
         card, _ = load_model(name)      # SHA-256 checked
         assert card.task == task and card.training["steps"] > 0 and card.training["commit"] != "unknown"
@@ -40,7 +41,7 @@ def test_demo_writes_volumes_figures_and_metrics(demo_out, capsys):
     assert (demo_out / "summary.png").stat().st_size > 10_000
     t1 = read_volume(demo_out / "subject-T1.nrrd")
     for name in ("T1-denoised", "T1-T2-to-FLAIR", "segmentation", "segmentation-uncertainty", "anomaly-map",
-                 "anomaly-mask"):
+                 "anomaly-mask", "from-labels-T1", "from-labels-FLAIR"):
         vol = read_volume(demo_out / f"{name}.nrrd")
         assert vol.geometry.same_as(t1.geometry) and np.isfinite(vol.array).all()
     samples = [read_volume(p) for p in sorted(demo_out.glob("generated-*-T1.nrrd"))]
@@ -58,3 +59,5 @@ def test_bundled_models_reach_their_targets_on_the_demo_subject(demo_out):
     for channel in m["generate"]["per_channel"].values():
         assert max(channel["tissue_mean_relative_error"]) <= 0.10
         assert channel["seed_difference"] > 0.02     # different seeds, visibly different samples
+    drawn = m["from-labels"]["segmenter"]["dice_drawn"]     # images drawn for the subject's own label map
+    assert min(drawn[t] for t in ("CSF", "GM", "WM")) >= 0.85
