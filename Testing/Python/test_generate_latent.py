@@ -50,6 +50,23 @@ def test_autoencoder_round_trip_keeps_shapes():
     assert net(z, torch.zeros(1, dtype=torch.long)).shape == z.shape      # the UNet runs on latents
 
 
+def test_encode_and_decode_by_windows_of_the_training_crop():
+    """A volume larger than the autoencoder's training crop is encoded and decoded by sliding
+    windows of that crop (latent windows 4x smaller); one no larger goes through in one piece."""
+    spec = latent_spec({"network": {"channels": [16, 16, 16], "latent_channels": 3}, "patch": [8, 8, 8]}, channels=2)
+    net = build_model({"spatial_dims": 3, "in_channels": 3, "out_channels": 3, "channels": [16, 32],
+                       "attention_levels": [False, False], "num_res_blocks": 1, "norm_num_groups": 16,
+                       "num_head_channels": 32}, {**spec, "scale_factor": 1.0}).eval()
+    assert net.window == (8, 8, 8) and net.factor == 4
+    x = torch.rand(1, 2, 16, 24, 32) * 2 - 1
+    small = x[..., :8, :8, :8]
+    assert torch.equal(net.encode(small), net.autoencoder.encode(small)[0])
+    z = net.encode(x)
+    assert z.shape == (1, 3, 4, 6, 8) and not torch.allclose(z, net.autoencoder.encode(x)[0], atol=1e-4)
+    y = net.decode(z)
+    assert y.shape == x.shape and not torch.allclose(y, net.autoencoder.decode(z), atol=1e-4)
+
+
 def test_card_weights_and_samples_on_the_grid(model):
     card, net = load_model(model)
     grid = Geometry.from_dict(card.grid)
