@@ -39,6 +39,14 @@ def count_batches(depth: int, batch_size: int) -> int:
     return math.ceil(depth / batch_size)
 
 
+def windowed(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, window: tuple[int, ...], *,
+             batch_size: int = 32, fill: float = -1.0) -> torch.Tensor:
+    """net over x by Gaussian-weighted sliding windows of its training crop (overlap 0.5, MONAI;
+    `fill` outside), as nnU-Net infers: a network trained on crops sees crop-sized inputs."""
+    return sliding_window_inference(x, window, batch_size, net, overlap=0.5, mode="gaussian", padding_mode="constant",
+                                    cval=fill)
+
+
 def count_windows(shape: tuple[int, ...], patch: tuple[int, ...], overlap: float) -> int:
     n = 1
     for s, p in zip(shape, patch):

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 from monai.networks.nets import AutoencoderKL
 from safetensors.torch import load_file, save_file
 
@@ -33,6 +32,7 @@ from ..errors import DiffusionMICError
 from ..progress import Progress
 from .adversarial import Critic
 from .batches import TrainingCase, random_batches, whole_crop
+from .inference import windowed
 from .network import build_network
 from .schedule import NoiseSchedule
 from .trainer import Batch, TrainConfig, Trainer
@@ -87,18 +87,18 @@ class LatentModel(torch.nn.Module):
     units, by 32^3 windows 0.15-0.20, as its crops (0.16-0.18)."""
 
     def __init__(self, unet: torch.nn.Module, autoencoder: AutoencoderKL, scale_factor: float | None = None,
-                 window: tuple[int, ...] | None = None):
+                 window: tuple[int, ...] | None = None, factor: int = 1):
         super().__init__()
         self.unet, self.autoencoder = unet, autoencoder
         self.scale_factor = scale_factor
-        self.window = window
-        self.factor = 2 ** (len(autoencoder.encoder.channels) - 1)      # image size / latent size
+        self.window, self.factor = window, factor       # factor: image size / latent size
 
-    def _windowed(self, x: torch.Tensor, fn: Any, roi: tuple[int, ...] | None, fill: float) -> torch.Tensor:
+    @staticmethod
+    def _windowed(fn: Any, x: torch.Tensor, roi: tuple[int, ...] | None, fill: float) -> torch.Tensor:
+        """fn over x in one piece when x fits in roi, else by windows of roi (4 at a time: 3D)."""
         if roi is None or all(s <= r for s, r in zip(x.shape[2:], roi)):
             return fn(x)
-        return sliding_window_inference(x, roi, 4, fn, overlap=0.5, mode="gaussian", padding_mode="constant",
-                                        cval=fill)
+        return windowed(fn, x, roi, batch_size=4, fill=fill)
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.unet(*args, **kwargs)
@@ -106,12 +106,12 @@ class LatentModel(torch.nn.Module):
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, z, y, x) in [-1, 1] -> scaled latents (the posterior mean)."""
-        return self._windowed(x, lambda t: self.autoencoder.encode(t)[0], self.window, -1.0) * (self.scale_factor or 1.0)
+        return self._windowed(lambda t: self.autoencoder.encode(t)[0], x, self.window, -1.0) * (self.scale_factor or 1.0)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         roi = tuple(w // self.factor for w in self.window) if self.window else None
-        return self._windowed(z / (self.scale_factor or 1.0), self.autoencoder.decode, roi, 0.0)
+        return self._windowed(self.autoencoder.decode, z / (self.scale_factor or 1.0), roi, 0.0)
 
 
 def build_model(network: dict[str, Any], latent: dict[str, Any] | None) -> torch.nn.Module:
@@ -120,7 +120,7 @@ def build_model(network: dict[str, Any], latent: dict[str, Any] | None) -> torch
     if not latent:
         return unet
     return LatentModel(unet, build_autoencoder(latent["autoencoder"]), latent.get("scale_factor"),
-                       tuple(latent["stage1"]["patch"]))
+                       tuple(latent["stage1"]["patch"]), autoencoder_factor(latent))
 
 
 class AutoencoderTrainer(Trainer):

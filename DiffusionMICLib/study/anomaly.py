@@ -15,7 +15,7 @@ import torch
 from .. import api
 from ..datasets import Case, read_dataset
 from ..engine.batches import TrainingCase, random_batches
-from ..engine.inference import infer_slices
+from ..engine.inference import infer_slices, windowed
 from ..engine.pipeline import train
 from ..errors import DiffusionMICError
 from ..engine.space import ModelSpace, robust_scale, to_unit
@@ -27,7 +27,7 @@ from ..tasks import get_task
 from ..tasks.anomaly import PHANTOM_LESION, Reconstruct, brain_mask, lesion_reference
 from ..volume import Volume
 from .core import PHANTOM_TEST_SEED, Context, Evaluation, Method, budget_recipe, budget_used, bundled_note
-from .learners import SupervisedTrainer, fit_supervised, load_baseline, windowed
+from .learners import SupervisedTrainer, fit_supervised, load_baseline
 from .segment import cut_slab, largest_slice
 
 TASK = "anomaly"
@@ -339,7 +339,7 @@ def _fit_reconstruction(kind: str, quick: bool):
 
 def network_reconstruction(net: torch.nn.Module, patch: list[int], device: torch.device) -> Reconstruct:
     """A trained (V)AE's reconstruction of whole slices by sliding windows of its training patch
-    (learners.windowed; a VAE's dense latent needs that size)."""
+    (engine.inference.windowed; a VAE's dense latent needs that size)."""
     def window(x: torch.Tensor) -> torch.Tensor:
         y = net(x)
         return y[0] if isinstance(y, tuple) else y

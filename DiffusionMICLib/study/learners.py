@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from ..engine.batches import TrainingCase, random_batches
+from ..engine.inference import windowed
 from ..engine.network import build_network, count_parameters
 from ..engine.trainer import Batch, TrainConfig, Trainer
 from ..errors import DiffusionMICError
@@ -218,14 +219,6 @@ def fit_supervised(ctx: Context, folder: Path, card: ModelCard, kind: str, spec:
 
 
 # ---- running a baseline through the task's pipeline --------------------------------------------
-
-def windowed(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, window: tuple[int, ...]) -> torch.Tensor:
-    """net over x by Gaussian-weighted sliding windows of its training crop (overlap 0.5, MONAI;
-    background -1 outside), as nnU-Net infers: a network trained on crops sees crop-sized inputs."""
-    from monai.inferers import sliding_window_inference
-    return sliding_window_inference(x, window, 32, net, overlap=0.5, mode="gaussian", padding_mode="constant",
-                                    cval=-1.0)
-
 
 class AsX0(torch.nn.Module):
     """A trained baseline in the diffusion network's place. The pipeline calls
