@@ -160,12 +160,21 @@ class DiffusionMICLogic(ScriptedLoadableModuleLogic):
             inputNodes = [inputNodes]
         inputNodes = list(inputNodes)
         card = self.modelCard(model)
+        sceneInputs = inputNodes       # where results are placed; inputNodes: what the backend reads
         if task == "generate":      # a model trained from label maps takes one (card inputs: ["labels"])
             fromLabels = "labels" in ((card or {}).get("inputs") or [])
             if fromLabels and (len(inputNodes) != 1 or inputNodes[0] is None):
-                raise ValueError("this model generates images from a label map: give one label map volume")
+                raise ValueError("this model generates images from a label map: give one label map volume "
+                                 "or segmentation")
             if not fromLabels and inputNodes:
                 raise ValueError("generate takes no input volume (this model draws on its own grid)")
+            if fromLabels and inputNodes[0].IsA("vtkMRMLSegmentationNode"):
+                try:     # segments named as the card's labels -> its label values, outside the scene
+                    labelNode = mrml.labelVolumeFromSegmentation(inputNodes[0], (card or {}).get("labels") or {})
+                except mrml.SceneError as e:
+                    raise ValueError(str(e)) from None
+                labelNode.SetAndObserveTransformNodeID(inputNodes[0].GetTransformNodeID())
+                inputNodes = [labelNode]
         elif not inputNodes or any(n is None for n in inputNodes):
             raise ValueError(f"{task} needs input volume(s)")
         for node in inputNodes:
@@ -213,7 +222,8 @@ class DiffusionMICLogic(ScriptedLoadableModuleLogic):
             return out
 
         def finish(info):
-            result = results.importResults(task, model, card, inputNodes, outputNode, info)
+            result = results.importResults(task, model, card, sceneInputs, outputNode, info, grid=inputNodes[0]
+                                           if inputNodes else None)
             if show:
                 results.showResult(result)
             self.lastResult = result
@@ -227,7 +237,9 @@ class DiffusionMICLogic(ScriptedLoadableModuleLogic):
 
     def generate(self, model, outputNode=None, count=1, condition=None, labelNode=None, **options) -> list:
         """New volume(s) sampled from `model` (its card gives the grid), or, with a model trained
-        from label maps, images matching `labelNode` on its grid; returns a list of nodes."""
+        from label maps, images matching `labelNode` on its grid: a label map volume, or a
+        Segmentation node whose segments are named as the model's labels (CSF, GM, WM, lesion),
+        drawn on its reference geometry. Returns a list of nodes."""
         inputs = [labelNode] if labelNode is not None else []
         result = self.run("generate", inputs, model, outputNode, count=count, condition=condition, **options)
         return [node for key, node in result.nodes.items()]

@@ -6,6 +6,7 @@ Every function that creates nodes leaves the scene as it was if it fails.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -262,13 +263,28 @@ def segmentLabelValue(segment, index: int) -> int:
     return index + 1
 
 
+@contextlib.contextmanager
+def scratchNodes():
+    """Every node added to the scene inside the block is removed at its end: Slicer's export
+    logic adds a colour table beside each temporary label map it fills."""
+    scene = slicer.mrmlScene
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    try:
+        yield
+    finally:
+        added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+        for n in added:
+            if n.GetID() not in before and n.GetScene() is not None:
+                scene.RemoveNode(n)
+
+
 def labelArrayFromSegmentation(node, reference, valueOf: dict[str, int] | None = None) -> np.ndarray:
     """A (k, j, i) label array on `reference`'s grid; each segment takes `valueOf[name]`, its
     stored label value, or its position + 1."""
     out = np.zeros(dimensions(reference)[::-1], dtype=np.int16)
     segmentation = node.GetSegmentation()
-    temporary = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__DiffusionMIC_export")
-    try:
+    with scratchNodes():
+        temporary = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__DiffusionMIC_export")
         for i in range(segmentation.GetNumberOfSegments()):
             segmentID = segmentation.GetNthSegmentID(i)
             segment = segmentation.GetSegment(segmentID)
@@ -279,8 +295,31 @@ def labelArrayFromSegmentation(node, reference, valueOf: dict[str, int] | None =
             mask = slicer.util.arrayFromVolume(temporary) > 0
             value = (valueOf or {}).get(segment.GetName()) or segmentLabelValue(segment, i)
             out[mask] = value
-    finally:
-        removeNode(temporary)
+    return out
+
+
+def labelVolumeFromSegmentation(node, labels: dict[str, int]):
+    """A label map volume outside the scene from a Segmentation node (e.g. drawn in the Segment
+    Editor) on the segmentation's reference geometry: each segment takes the value of the
+    `labels` entry of the same name (case does not matter). A segment no label is named after, or
+    no segment at all, raises one SceneError line; the scene is left as it was."""
+    segmentation = node.GetSegmentation()
+    known = {name.lower(): int(value) for name, value in labels.items() if int(value) != 0}
+    names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+    if not names:
+        raise SceneError(f"segmentation '{node.GetName()}' has no segments")
+    unknown = [n for n in names if n.lower() not in known]
+    if unknown:
+        raise SceneError(f"segment '{unknown[0]}' of '{node.GetName()}' is not a label this model knows "
+                         f"({', '.join(n for n, v in labels.items() if int(v) != 0)}): rename it")
+    with scratchNodes():
+        grid = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__DiffusionMIC_grid")
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportAllSegmentsToLabelmapNode(
+                node, grid, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY) or grid.GetImageData() is None:
+            raise SceneError(f"cannot make a label map of segmentation '{node.GetName()}'")
+        array = labelArrayFromSegmentation(node, grid, {n: known[n.lower()] for n in names})
+        out = volumeFromArray(array, grid)
+    out.SetName(node.GetName())
     return out
 
 

@@ -66,7 +66,8 @@ class InputSlot:
     @property
     def toolTip(self) -> str:
         if self.isLabelMap:
-            return "The label map to draw images for (the labels the model was trained with)"
+            return ("The label map to draw images for (the labels the model was trained with), or a segmentation "
+                    "whose segments are named as those labels")
         if self.contrast:
             return f"The {self.contrast} volume (input {self.index + 1} of the model)"
         return "The input volume"

@@ -124,8 +124,8 @@ class PanelView:
         self.selectors = []
         for slot in slots:
             selector = slicer.qMRMLNodeComboBox()
-            if slot.isLabelMap:
-                selector.nodeTypes = ["vtkMRMLLabelMapVolumeNode"]
+            if slot.isLabelMap:     # or a segmentation whose segments are named as the model's labels
+                selector.nodeTypes = ["vtkMRMLLabelMapVolumeNode", "vtkMRMLSegmentationNode"]
             else:
                 selector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
                 selector.showChildNodeTypes = False   # no label maps
@@ -146,7 +146,8 @@ class PanelView:
         current = list(getattr(pn, f"{self.task}Inputs"))
         nodes = slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
         volumes = [(n.GetName(), n) for n in nodes if not n.IsA("vtkMRMLLabelMapVolumeNode")]
-        labelMaps = [(n.GetName(), n) for n in nodes if n.IsA("vtkMRMLLabelMapVolumeNode")]
+        labelMaps = [(n.GetName(), n) for n in nodes if n.IsA("vtkMRMLLabelMapVolumeNode")] + [
+            (n.GetName(), n) for n in slicer.util.getNodesByClass("vtkMRMLSegmentationNode")]
         chosen = panels.matchInputs(slots, volumes, current, labelMaps)
         if chosen != current:
             setattr(pn, f"{self.task}Inputs", chosen)

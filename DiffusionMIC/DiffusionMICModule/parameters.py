@@ -37,7 +37,8 @@ class DiffusionMICParameterNode:
     device: Annotated[str, Choice(DEVICES)] = "auto"
 
     generateModel: str = ""
-    generateInputs: list[vtkMRMLScalarVolumeNode]       # the label map, for models trained from label maps
+    # the label map (a volume or a segmentation), for models trained from label maps
+    generateInputs: list[Union[vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, None]]
     generateCount: Annotated[int, WithinRange(1, 16)] = 1
     generateCondition: str = ""
     generate: DiffusionMICSampling

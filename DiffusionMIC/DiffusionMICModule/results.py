@@ -55,19 +55,21 @@ def outputName(task, inputNodes, card, model, key="output") -> str:
         return f"{base}_anomaly_map" if key == "output" else f"{base}_anomaly_{key}"
     return f"{base}_{task}_{key}"
 
-def importResults(task, model, card, inputNodes, outputNode, info) -> DiffusionMICResult:
+def importResults(task, model, card, inputNodes, outputNode, info, grid=None) -> DiffusionMICResult:
     """The backend's output files into the scene: read all first (a bad file changes nothing),
-    then make the nodes, placed beside the first input; on any failure none is left."""
+    then make the nodes, placed beside the first input; on any failure none is left. `grid`:
+    the volume the backend read when the first input is not one (a segmentation's label map)."""
     outputs = info.get("outputs") or {}
     if "output" not in outputs:
         raise BackendError(f"the backend wrote no output ({', '.join(outputs) or 'nothing'})")
     reference = inputNodes[0] if inputNodes else None
+    grid = grid if grid is not None else reference
     # 1. Read every file into nodes outside the scene: a bad file changes nothing.
     sources = {}
     for key, path in outputs.items():
         sources[key] = mrml.readVolume(path)
-        if reference is not None:
-            mrml.checkSameGrid(sources[key], reference, f"the {task} output '{key}'")
+        if grid is not None:
+            mrml.checkSameGrid(sources[key], grid, f"the {task} output '{key}'")
     # 2. Put them into the scene; on any failure remove what was made.
     staging = mrml.Staging()
     nodes = {}
@@ -113,7 +115,8 @@ def importResults(task, model, card, inputNodes, outputNode, info) -> DiffusionM
                 suffix = "_".join(([channel] if manyChannels or channel not in ("image",) else [])
                                   + ([str(sample)] if several else []))
                 name = outputName(task, inputNodes, card, model) + (f"_{suffix}" if suffix else "")
-                nodes[key] = mrml.commitVolume(staging, sources[key], name, outputNode if i == 0 else None)
+                nodes[key] = mrml.commitVolume(staging, sources[key], name, outputNode if i == 0 else None,
+                                               like=grid)      # from a label map: on its grid, under its transform
         for node in nodes.values():
             node.SetAttribute(ATTRIBUTE + "task", task)
             node.SetAttribute(ATTRIBUTE + "model", str(model))

@@ -790,6 +790,46 @@ def test_generate_from_a_label_map_on_its_grid(phantom, models):
         np.testing.assert_allclose(mrml.ijkToRAS(node), mrml.ijkToRAS(labels), atol=1e-6)
 
 
+def test_generate_from_a_segmentation_by_segment_names(phantom, models):
+    """A Segmentation drawn in Slicer (segments named as the card's labels, any case, any stored
+    label value) is drawn as the label map it stands for, on its reference geometry; an
+    unknown segment name is one line and makes no node."""
+    labels = crop(phantom[1]["labels"])
+    card = module.DiffusionMICLogic.modelCard(models["generate-labels"])
+    values = {n: int(v) for n, v in card["labels"].items() if int(v)}
+    shuffled = np.zeros_like(labels)                   # stored values that do not match the card's
+    order = sorted(values.values())
+    for old, new in zip(order, order[::-1]):
+        shuffled[labels == old] = new
+    source = add_volume(shuffled, "drawn", className="vtkMRMLLabelMapVolumeNode")
+    seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn segmentation")
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(source)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(source, seg)
+    segmentation = seg.GetSegmentation()
+    nameOf = {new: name for name, old in values.items() for o, new in zip(order, order[::-1]) if o == old}
+    for i in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(i)
+        name = nameOf[int(segment.GetLabelValue())]
+        segment.SetName(name.lower() if i == 0 else name)
+    converted = mrml.labelVolumeFromSegmentation(seg, card["labels"])
+    assert converted.GetScene() is None
+    assert np.array_equal(slicer.util.arrayFromVolume(converted), labels)      # the card's values, by name
+    np.testing.assert_allclose(mrml.ijkToRAS(converted), mrml.ijkToRAS(source), atol=1e-6)
+
+    count = node_count()
+    nodes = module.DiffusionMICLogic().generate(models["generate-labels"], labelNode=seg, steps=1)
+    assert len(nodes) == 2 and node_count() == count + 2 * len(nodes)      # each volume and its display node
+    for node in nodes:
+        assert node.GetImageData().GetDimensions() == source.GetImageData().GetDimensions()
+        np.testing.assert_allclose(mrml.ijkToRAS(node), mrml.ijkToRAS(source), atol=1e-6)
+
+    segmentation.GetNthSegment(1).SetName("tumour")
+    count = node_count()
+    with pytest.raises(ValueError, match="segment 'tumour' of 'drawn segmentation' is not a label this model knows"):
+        module.DiffusionMICLogic().start("generate", [seg], models["generate-labels"])
+    assert node_count() == count
+
+
 # ---- compare ---------------------------------------------------------------------------------
 
 def test_compare_real_metrics_into_table(phantom, tmp_path):
