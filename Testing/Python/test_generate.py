@@ -92,6 +92,18 @@ def test_generation_metrics_fields(reals):
     same = generation_metrics([reals[0], reals[0]], reals[:2])
     assert same["diversity"]["samples_pairwise"] == pytest.approx(1.0, abs=1e-4)
     assert generation_metrics([reals[0]], [reals[1]])["mmd"] is None
+    assert generation_metrics([reals[0]], [reals[0]])["sharpness"]["ratio"] == pytest.approx(1.0)
+
+
+def test_edge_sharpness_falls_with_blur(reals):
+    """A smoothed volume is less sharp than the reals, and the ratio says so; the scale does not matter."""
+    from scipy import ndimage
+    v = reals[0]
+    blurred = v.with_array(ndimage.gaussian_filter(v.array.astype(np.float32), 1.5))
+    ratio = generation_metrics([blurred], [v])["sharpness"]["ratio"]
+    assert ratio < 0.7, ratio
+    scaled = generation_metrics([v.with_array(v.array * 3.0)], [v])["sharpness"]["ratio"]
+    assert scaled == pytest.approx(1.0, abs=1e-3)
 
 
 def test_class_conditional_guidance_and_errors(phantom_dir, tmp_path, model):
