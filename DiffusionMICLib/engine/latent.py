@@ -43,8 +43,9 @@ AUTOENCODER: dict[str, Any] = {"spatial_dims": 3, "channels": [32, 64, 64], "lat
                                "num_res_blocks": 1, "attention_levels": [False, False, False],
                                "norm_num_groups": 16, "with_encoder_nonlocal_attn": False,
                                "with_decoder_nonlocal_attn": False}
-# Stage 1: MONAI's loss weights; crops of the training volumes.
-STAGE1: dict[str, Any] = {"patch": [48, 48, 48], "kl_weight": 1e-6, "adversarial_weight": 0.01,
+# Stage 1: MONAI's loss weights; crops of the training volumes, `oversample` of them centred on
+# a rare bright voxel (see `bright`).
+STAGE1: dict[str, Any] = {"patch": [48, 48, 48], "oversample": 0.0, "kl_weight": 1e-6, "adversarial_weight": 0.01,
                           "adversarial_start": 500, "discriminator": {"channels": 32, "num_layers_d": 3},
                           "train": {"max_steps": 2000, "batch_size": 2, "lr": 1e-4, "ema_decay": 0.999,
                                     "ema_start": 100, "checkpoint_every": 100}}
@@ -161,6 +162,18 @@ def brain(target: np.ndarray) -> np.ndarray:
     return np.logical_or.reduce([c > -0.95 for c in target])
 
 
+def bright(target: np.ndarray, fraction: float = 0.005) -> np.ndarray:
+    """(N, 3) indices of each channel's brightest `fraction` of brain voxels (nnU-Net-style
+    oversampling without labels: lesions, the FLAIR hyperintensities an L1 loss otherwise
+    averages away, are among them)."""
+    mask = brain(target)
+    picks = np.zeros(mask.shape, bool)
+    for channel in target:
+        if mask.any():
+            picks |= mask & (channel > np.quantile(channel[mask], 1.0 - fraction))
+    return np.argwhere(picks)
+
+
 def fit_autoencoder(latent: dict[str, Any], model: LatentModel, cases: list[TrainingCase], folder: Path,
                     schedule: NoiseSchedule, device: torch.device, progress: Progress) -> dict[str, Any]:
     """Stage 1 on the image-space training cases, or the finished autoencoder in `folder`
@@ -175,9 +188,11 @@ def fit_autoencoder(latent: dict[str, Any], model: LatentModel, cases: list[Trai
     trainer = AutoencoderTrainer(model.autoencoder, schedule, config, device, stage1,
                                  latent["autoencoder"]["in_channels"], checkpoint_dir=folder / "checkpoint")
     trainer.resume()
-    crops = [TrainingCase(target=c.target, foreground=brain(c.target)) for c in cases]
+    oversample = float(stage1.get("oversample", 0.0))
+    crops = [TrainingCase(target=c.target, foreground=brain(c.target),
+                          focus=[bright(c.target)] if oversample else None) for c in cases]
     batches = random_batches(crops, spatial_dims=3, patch=list(stage1["patch"]), batch_size=config.batch_size,
-                             seed=config.seed * 7919 + trainer.step)
+                             seed=config.seed * 7919 + trainer.step, focus_fraction=oversample)
     progress.start("train autoencoder", config.max_steps, done=trainer.step)
     trainer.fit(batches, on_step=lambda i, n, loss: progress.advance(loss=f"{trainer.parts.get('l1', loss):.4f}"),
                 cancel=progress.cancel)

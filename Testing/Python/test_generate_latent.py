@@ -122,6 +122,27 @@ def test_autoencoder_learns_the_anatomy(phantom_dir, tmp_path):
     assert trained < 0.6 * floor and trained < 0.5 * untrained, (trained, floor, untrained)
 
 
+def test_oversampling_centres_crops_on_rare_bright_voxels():
+    """`bright` finds a small bright spot (as a FLAIR lesion) in one channel, and with oversample
+    1/2 about half the autoencoder's crops contain it, against few without."""
+    from DiffusionMICLib.engine.batches import TrainingCase, random_batches
+    from DiffusionMICLib.engine.latent import brain, bright
+    target = np.full((2, 40, 40, 40), -1.0, np.float32)
+    target[:, 4:36, 4:36, 4:36] = 0.0                       # the "brain"
+    target[1, 30:32, 6:8, 6:8] = 0.9                        # a lesion in a corner, channel 1 only
+    spots = bright(target)
+    assert len(spots) and set(map(tuple, spots)) >= {(30, 6, 6), (31, 7, 7)}
+    assert brain(target)[tuple(spots.T)].all()
+
+    def share(oversample: float) -> float:
+        case = TrainingCase(target=target, foreground=brain(target), focus=[bright(target)] if oversample else None)
+        batches = random_batches([case], spatial_dims=3, patch=[8, 8, 8], batch_size=50, seed=1,
+                                 focus_fraction=oversample)
+        crops = next(batches).target.numpy()
+        return float(np.mean([(c[1] > 0.5).any() for c in crops]))
+    assert share(0.5) > 0.35 and share(0.0) < 0.1
+
+
 def test_bad_latent_settings_one_line_and_nothing_written(phantom_dir, tmp_path, capsys):
     for name, settings, message in [
             ("segment", {"autoencoder": {}}, "for whole-volume generation models only"),

@@ -82,7 +82,7 @@ def test_quick_study_has_every_row(tmp_path_factory, one_thread):
         assert list(result["tables"]) == ["phantom: T1", "phantom: FLAIR"], name
         row = result["tables"]["phantom: FLAIR"]
         assert 0 <= row["nmae"] < 1 and row["psnr"] > 0 and row["fraction_error"] < 1
-        assert row["bright_tail_gap"] is not None
+        assert row["bright_tail_gap"] is not None and row["sharpness"] > 0
         assert result["seconds_per_volume"] > 0
     assert doc["methods"]["diffusion"]["conditions"] == ["healthy", "lesion"]
     assert "nearest held-out real subject" in Path(written["markdown"]).read_text(encoding="utf-8")
@@ -94,11 +94,21 @@ def test_latent_row_trains_both_stages_and_samples_on_its_grid(tiny: Context):
     samples are scored like every row's."""
     from DiffusionMICLib.models import read_card
     from DiffusionMICLib.volume import Geometry
-    info = study._fit_latent(tiny, tiny.out / "latent")
+    info = study._fit_latent(tiny, tiny.out / "diffusion-latent")
     assert info["steps"] == tiny.budget.steps and info["autoencoder"]["steps"] == tiny.budget.steps
     assert info["wall_time_s"] > info["autoencoder"]["wall_time_s"] > 0
-    card = read_card(tiny.out / "latent" / "model")
+    card = read_card(tiny.out / "diffusion-latent" / "model")
     assert card.latent["scale_factor"] > 0 and Geometry.from_dict(card.grid).spacing == (8.0, 8.0, 8.0)
-    evaluation = study._eval_diffusion(tiny, tiny.out / "latent")
+    evaluation = study._eval_latent(tiny, tiny.out / "diffusion-latent")
     row = evaluation.tables["phantom: FLAIR"]
-    assert row["psnr"] > 0 and row["bright_tail_gap"] is not None
+    assert row["psnr"] > 0 and row["bright_tail_gap"] is not None and row["sharpness"] > 0
+    trip = evaluation.extra["autoencoder_round_trip"]          # the held-out subjects through the autoencoder
+    assert trip["T1"]["sharpness"]["ratio"] > 0 and len(trip["FLAIR"]["tissue_fractions"]["samples"]) == 3
+    assert trip["FLAIR"]["bright_tail"]["round trip"] is not None
+    # The v-prediction row reuses that autoencoder (not trained again) and trains only its UNet.
+    v = study._fit_latent_v(tiny, tiny.out / "diffusion-latent-v")
+    assert v["autoencoder"] == info["autoencoder"]
+    ae = [(tiny.out / row / "model" / "autoencoder" / "autoencoder.safetensors").read_bytes()
+          for row in ("diffusion-latent", "diffusion-latent-v")]
+    assert ae[0] == ae[1]
+    assert read_card(tiny.out / "diffusion-latent-v" / "model").schedule["prediction_type"] == "v_prediction"
