@@ -107,8 +107,10 @@ def network(kind: str, **spec: Any) -> torch.nn.Module:
         return nets.AttentionUnet(spatial_dims=2, **spec)
     if kind == "var-autoencoder":
         return nets.VarAutoEncoder(**{"spatial_dims": 2, **spec})
-    if kind == "generator":
-        return nets.Generator(**spec)
+    if kind == "generator":     # "tanh": bound the output to [-1, 1] as DCGAN's generator does
+        tanh = spec.pop("tanh", False)
+        generator = nets.Generator(**spec)
+        return torch.nn.Sequential(generator, torch.nn.Tanh()) if tanh else generator
     if kind == "dynunet":
         return nets.DynUNet(spatial_dims=2, **spec)
     if kind == "swin-unetr":

@@ -50,6 +50,7 @@ def test_decoders_learn(tiny: Context, kind: str, fit: str, steps: int):
                       for net in (trained, untrained)]
         else:
             errors = [abs(float(net(z).mean() - x.mean())) for net in (trained, untrained)]
+            assert float(trained(z).abs().max()) <= 1.0           # tanh: inside the model's intensity range
     assert errors[0] < 0.7 * errors[1], errors
     evaluation = study._eval_decoder(tiny, tiny.out / kind)
     assert evaluation.tables["phantom: FLAIR"]["bright_tail_gap"] is not None
