@@ -346,7 +346,9 @@ def test_ui_file_matches_parameter_node_and_widget():
         if p.takesInputs:
             assert [c.get("class") for c in widgets[f"{p.task}InputsWidget"].findall("layout")] == ["QFormLayout"]
             assert get_origin(fields[f"{p.task}Inputs"]) is list
-            assert get_args(fields[f"{p.task}Inputs"]) == (slicer.vtkMRMLScalarVolumeNode,)
+            wanted = ((Union[slicer.vtkMRMLScalarVolumeNode, slicer.vtkMRMLSegmentationNode, None],)
+                      if p.task == "generate" else (slicer.vtkMRMLScalarVolumeNode,))     # generate: or a segmentation
+            assert get_args(fields[f"{p.task}Inputs"]) == wanted
         for name in p.extraOptions:
             assert f"{p.task}{name[0].upper()}{name[1:]}" in fields
         assert {f"{p.task}Model", p.task, f"{p.task}Output"} <= set(fields)
