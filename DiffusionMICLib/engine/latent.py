@@ -167,11 +167,9 @@ def bright(target: np.ndarray, fraction: float = 0.005) -> np.ndarray:
     oversampling without labels: lesions, the FLAIR hyperintensities an L1 loss otherwise
     averages away, are among them)."""
     mask = brain(target)
-    picks = np.zeros(mask.shape, bool)
-    for channel in target:
-        if mask.any():
-            picks |= mask & (channel > np.quantile(channel[mask], 1.0 - fraction))
-    return np.argwhere(picks)
+    if not mask.any():
+        return np.argwhere(mask)
+    return np.argwhere(np.logical_or.reduce([mask & (c > np.quantile(c[mask], 1.0 - fraction)) for c in target]))
 
 
 def fit_autoencoder(latent: dict[str, Any], model: LatentModel, cases: list[TrainingCase], folder: Path,

@@ -112,8 +112,9 @@ def latent_recipe(ctx: Context, unet: dict[str, Any] | None = None) -> dict[str,
     ae = spec["autoencoder"]
     return {**base, "task": spec["task"],
             "autoencoder": {**ae, "adversarial_start": b.steps // 3,
-                            "train": {"max_steps": b.steps, "batch_size": 2 if ctx.quick else 4, "lr": 1e-4 if not ctx.quick else 1e-3,
-                                      "time_limit_s": b.time_limit_s, "checkpoint_every": 100}}}
+                            "train": {"max_steps": b.steps, "batch_size": 2 if ctx.quick else 4,
+                                      "lr": 1e-3 if ctx.quick else 1e-4, "time_limit_s": b.time_limit_s,
+                                      "checkpoint_every": 100}}}
 
 
 def card(ctx: Context) -> ModelCard:
