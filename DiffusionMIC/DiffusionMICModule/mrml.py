@@ -298,6 +298,22 @@ def labelArrayFromSegmentation(node, reference, valueOf: dict[str, int] | None =
     return out
 
 
+def referenceGrid(node):
+    """An empty label map node in the scene (call inside `scratchNodes`) on the segmentation's
+    reference geometry, under its transform; a segmentation without one raises a SceneError."""
+    segmentation = node.GetSegmentation()
+    geometry = segmentation.GetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+    image = slicer.vtkOrientedImageData()
+    if not geometry or not slicer.vtkSegmentationConverter.DeserializeImageGeometry(geometry, image):
+        raise SceneError(f"segmentation '{node.GetName()}' has no reference geometry: give it a source volume")
+    grid = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__DiffusionMIC_grid")
+    grid.SetAndObserveTransformNodeID(node.GetTransformNodeID())
+    if not slicer.vtkSlicerSegmentationsModuleLogic.CreateLabelmapVolumeFromOrientedImageData(image, grid):
+        raise SceneError(f"cannot make a label map of segmentation '{node.GetName()}'")
+    return grid
+
+
 def labelVolumeFromSegmentation(node, labels: dict[str, int]):
     """A label map volume outside the scene from a Segmentation node (e.g. drawn in the Segment
     Editor) on the segmentation's reference geometry: each segment takes the value of the
@@ -313,10 +329,7 @@ def labelVolumeFromSegmentation(node, labels: dict[str, int]):
         raise SceneError(f"segment '{unknown[0]}' of '{node.GetName()}' is not a label this model knows "
                          f"({', '.join(n for n, v in labels.items() if int(v) != 0)}): rename it")
     with scratchNodes():
-        grid = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__DiffusionMIC_grid")
-        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportAllSegmentsToLabelmapNode(
-                node, grid, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY) or grid.GetImageData() is None:
-            raise SceneError(f"cannot make a label map of segmentation '{node.GetName()}'")
+        grid = referenceGrid(node)
         array = labelArrayFromSegmentation(node, grid, {n: known[n.lower()] for n in names})
         out = volumeFromArray(array, grid)
     out.SetName(node.GetName())

@@ -170,6 +170,16 @@ def _nearest(ctx: Context, sample: Sample) -> tuple[int, dict[str, dict[str, flo
     return best, scores[best]
 
 
+def _bright_tail(ctx: Context, ch: str, name: str, volumes: list[Volume]) -> dict[str, Any] | None:
+    """FLAIR voxels above the healthy held-out subjects' 99.9th percentile: fractions for `volumes`
+    (as `name`) and the real lesion subjects; None for other channels or without healthy subjects."""
+    reals = _reals(ctx)
+    if ch != "FLAIR" or any(r["healthy"] is None for r in reals):
+        return None
+    return bright_tail_fractions({name: volumes, "real lesion": [r["clean"][ch] for r in reals]},
+                                 [r["healthy"] for r in reals])
+
+
 def _evaluate(ctx: Context, draw: Callable[[], list[tuple[str | None, Sample]]]) -> Evaluation:
     """`draw()` returns (condition, sample) pairs; every sample is measured against the held-out reals."""
     t0 = time.perf_counter()
@@ -189,10 +199,8 @@ def _evaluate(ctx: Context, draw: Callable[[], list[tuple[str | None, Sample]]])
             "diversity_gap": (abs(d["samples_pairwise"] - d["reals_pairwise"])
                               if d["samples_pairwise"] is not None and d["reals_pairwise"] is not None else None),
             "sharpness": g["sharpness"]["ratio"], "bright_tail_gap": None}
-        if ch == "FLAIR" and all(r["healthy"] is not None for r in reals):
-            lesion = [s[ch] for c, s in drawn if c in ("lesion", None)]
-            tail = bright_tail_fractions({"samples": lesion, "real lesion": [r["clean"][ch] for r in reals]},
-                                         [r["healthy"] for r in reals])
+        tail = _bright_tail(ctx, ch, "samples", [s[ch] for c, s in drawn if c in ("lesion", None)])
+        if tail is not None:
             row["bright_tail_gap"] = 1000 * abs(tail["samples"] - tail["real lesion"])
             g["bright_tail"] = tail
         tables[f"{ctx.data.name}: {ch}"] = row
@@ -282,9 +290,9 @@ def _round_trip(ctx: Context, model: Path) -> dict[str, Any]:
     for ch in CHANNELS:
         g = generation_metrics(back[ch], [r["clean"][ch] for r in reals])
         out[ch] = {"tissue_fractions": g["tissue_fractions"], "diversity": g["diversity"], "sharpness": g["sharpness"]}
-        if ch == "FLAIR" and all(r["healthy"] is not None for r in reals):
-            out[ch]["bright_tail"] = bright_tail_fractions(
-                {"round trip": back[ch], "real lesion": [r["clean"][ch] for r in reals]}, [r["healthy"] for r in reals])
+        tail = _bright_tail(ctx, ch, "round trip", back[ch])
+        if tail is not None:
+            out[ch]["bright_tail"] = tail
     return out
 
 

@@ -68,12 +68,17 @@ def table(ctx: Context, inputs: tuple[str, ...], output: str) -> str:
     return f"{ctx.data.name}: {', '.join(inputs)} → {output}"
 
 
+def direction_time_limit(ctx: Context) -> float:
+    """Every learned method's safety stop per direction: a third of the study's time limit."""
+    return ctx.budget.time_limit_s / len(DIRECTIONS)
+
+
 def recipe(ctx: Context, inputs: tuple[str, ...], output: str) -> dict[str, Any]:
     """The bundled model's recipe for one direction, with a third of the study's time per direction."""
     b = ctx.budget
     settings = {**RECIPE, "task": {"inputs": list(inputs), "output": output},
                 "train": {**RECIPE["train"], "max_steps": b.steps, "batch_size": b.batch_size,
-                          "time_limit_s": b.time_limit_s / len(DIRECTIONS)},
+                          "time_limit_s": direction_time_limit(ctx)},
                 "cases": ctx.data.train_ids, "command": f"diffusion-mic study translate{' --quick' if ctx.quick else ''}"}
     if ctx.quick:
         settings["network"] = QUICK_NETWORK
@@ -230,7 +235,7 @@ def _discriminator(ctx: Context, in_channels: int) -> dict[str, Any]:
 def _fit_unet(ctx: Context, folder: Path, inputs: tuple[str, ...], output: str) -> dict[str, Any]:
     c = card(ctx, inputs, output)
     return fit_supervised(ctx, folder, c, "diffusion-unet", _unet(c, len(inputs), 1), _l1, label="UNet L1",
-                          cases=training_cases(ctx, c))
+                          train={"time_limit_s": direction_time_limit(ctx)}, cases=training_cases(ctx, c))
 
 
 def _fit_attention(ctx: Context, folder: Path, inputs: tuple[str, ...], output: str) -> dict[str, Any]:
@@ -238,13 +243,14 @@ def _fit_attention(ctx: Context, folder: Path, inputs: tuple[str, ...], output: 
     levels = list(c.network["channels"])     # as deep as the diffusion UNet: the pipeline pads to its factor
     spec = {"in_channels": len(inputs), "out_channels": 1, "channels": levels, "strides": [2] * (len(levels) - 1)}
     return fit_supervised(ctx, folder, c, "attention-unet", spec, _l1, label="attention UNet L1",
-                          cases=training_cases(ctx, c))
+                          train={"time_limit_s": direction_time_limit(ctx)}, cases=training_cases(ctx, c))
 
 
 def _fit_pix2pix(ctx: Context, folder: Path, inputs: tuple[str, ...], output: str) -> dict[str, Any]:
     c = card(ctx, inputs, output)
     return fit_supervised(ctx, folder, c, "diffusion-unet", _unet(c, len(inputs), 1), _l1, label="pix2pix",
-                          cases=training_cases(ctx, c), trainer_cls=AdversarialTrainer,
+                          train={"time_limit_s": direction_time_limit(ctx)}, cases=training_cases(ctx, c),
+                          trainer_cls=AdversarialTrainer,
                           discriminator=_discriminator(ctx, len(inputs) + 1))
 
 
@@ -252,7 +258,7 @@ def _fit_cyclegan(ctx: Context, folder: Path, inputs: tuple[str, ...], output: s
     c = card(ctx, inputs, output)
     spec = {"forward": _unet(c, len(inputs), 1), "backward": _unet(c, 1, len(inputs))}
     return fit_supervised(ctx, folder, c, "cyclegan", spec, None, label="CycleGAN", trainer_cls=CycleTrainer,
-                          cases=training_cases(ctx, c),
+                          train={"time_limit_s": direction_time_limit(ctx)}, cases=training_cases(ctx, c),
                           unpaired=True, discriminators=(_discriminator(ctx, len(inputs)), _discriminator(ctx, 1)))
 
 

@@ -831,6 +831,13 @@ def test_generate_from_a_segmentation_by_segment_names(phantom, models):
         module.DiffusionMICLogic().start("generate", [seg], models["generate-labels"])
     assert node_count() == count
 
+    segmentation.GetNthSegment(1).SetName(nameOf[int(segmentation.GetNthSegment(1).GetLabelValue())])
+    segmentation.SetConversionParameter(slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(), "")
+    count = node_count()
+    with pytest.raises(ValueError, match="segmentation 'drawn segmentation' has no reference geometry"):
+        module.DiffusionMICLogic().start("generate", [seg], models["generate-labels"])
+    assert node_count() == count
+
 
 # ---- compare ---------------------------------------------------------------------------------
 
