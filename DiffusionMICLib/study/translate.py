@@ -177,13 +177,13 @@ def write_reference(ctx: Context) -> None:
 # ---- methods ----------------------------------------------------------------------------------
 
 def _per_direction(fit_one: Callable[[Context, Path, tuple[str, ...], str], dict[str, Any]]):
-    """Train one model per direction into folder/<direction>; the budget: steps × batch per
-    direction, wall time of all three."""
+    """Train one model per direction into folder/<direction>; the budget: the fewest steps any
+    direction got (the safety stop may end one early) × batch, wall time of all three."""
     def fit(ctx: Context, folder: Path) -> dict[str, Any]:
         runs = {slug(i, o): _finished(folder / slug(i, o)) or fit_one(ctx, folder / slug(i, o), i, o)
                 for i, o in DIRECTIONS}
         first = next(iter(runs.values()))
-        return {"steps": max(r["steps"] for r in runs.values()), "batch_size": first["batch_size"],
+        return {"steps": min(r["steps"] for r in runs.values()), "batch_size": first["batch_size"],
                 "wall_time_s": round(sum(r["wall_time_s"] for r in runs.values()), 1), "directions": runs}
     return fit
 
