@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -68,17 +69,13 @@ def table(ctx: Context, inputs: tuple[str, ...], output: str) -> str:
     return f"{ctx.data.name}: {', '.join(inputs)} → {output}"
 
 
-def direction_time_limit(ctx: Context) -> float:
-    """Every learned method's safety stop per direction: a third of the study's time limit."""
-    return ctx.budget.time_limit_s / len(DIRECTIONS)
-
-
 def recipe(ctx: Context, inputs: tuple[str, ...], output: str) -> dict[str, Any]:
-    """The bundled model's recipe for one direction, with a third of the study's time per direction."""
+    """The bundled model's recipe for one direction with the study's budget (`_per_direction`
+    gives each direction a third of the time)."""
     b = ctx.budget
     settings = {**RECIPE, "task": {"inputs": list(inputs), "output": output},
                 "train": {**RECIPE["train"], "max_steps": b.steps, "batch_size": b.batch_size,
-                          "time_limit_s": direction_time_limit(ctx)},
+                          "time_limit_s": b.time_limit_s},
                 "cases": ctx.data.train_ids, "command": f"diffusion-mic study translate{' --quick' if ctx.quick else ''}"}
     if ctx.quick:
         settings["network"] = QUICK_NETWORK
@@ -177,10 +174,12 @@ def write_reference(ctx: Context) -> None:
 # ---- methods ----------------------------------------------------------------------------------
 
 def _per_direction(fit_one: Callable[[Context, Path, tuple[str, ...], str], dict[str, Any]]):
-    """Train one model per direction into folder/<direction>; the budget: the fewest steps any
-    direction got (the safety stop may end one early) × batch, wall time of all three."""
+    """Train one model per direction into folder/<direction>, each with a third of the study's
+    time limit; the budget: the fewest steps any direction got (the safety stop may end one
+    early) × batch, wall time of all three."""
     def fit(ctx: Context, folder: Path) -> dict[str, Any]:
-        runs = {slug(i, o): _finished(folder / slug(i, o)) or fit_one(ctx, folder / slug(i, o), i, o)
+        share = replace(ctx, budget=replace(ctx.budget, time_limit_s=ctx.budget.time_limit_s / len(DIRECTIONS)))
+        runs = {slug(i, o): _finished(folder / slug(i, o)) or fit_one(share, folder / slug(i, o), i, o)
                 for i, o in DIRECTIONS}
         first = next(iter(runs.values()))
         return {"steps": min(r["steps"] for r in runs.values()), "batch_size": first["batch_size"],
@@ -235,7 +234,7 @@ def _discriminator(ctx: Context, in_channels: int) -> dict[str, Any]:
 def _fit_unet(ctx: Context, folder: Path, inputs: tuple[str, ...], output: str) -> dict[str, Any]:
     c = card(ctx, inputs, output)
     return fit_supervised(ctx, folder, c, "diffusion-unet", _unet(c, len(inputs), 1), _l1, label="UNet L1",
-                          train={"time_limit_s": direction_time_limit(ctx)}, cases=training_cases(ctx, c))
+                          cases=training_cases(ctx, c))
 
 
 def _fit_attention(ctx: Context, folder: Path, inputs: tuple[str, ...], output: str) -> dict[str, Any]:
@@ -243,14 +242,13 @@ def _fit_attention(ctx: Context, folder: Path, inputs: tuple[str, ...], output: 
     levels = list(c.network["channels"])     # as deep as the diffusion UNet: the pipeline pads to its factor
     spec = {"in_channels": len(inputs), "out_channels": 1, "channels": levels, "strides": [2] * (len(levels) - 1)}
     return fit_supervised(ctx, folder, c, "attention-unet", spec, _l1, label="attention UNet L1",
-                          train={"time_limit_s": direction_time_limit(ctx)}, cases=training_cases(ctx, c))
+                          cases=training_cases(ctx, c))
 
 
 def _fit_pix2pix(ctx: Context, folder: Path, inputs: tuple[str, ...], output: str) -> dict[str, Any]:
     c = card(ctx, inputs, output)
     return fit_supervised(ctx, folder, c, "diffusion-unet", _unet(c, len(inputs), 1), _l1, label="pix2pix",
-                          train={"time_limit_s": direction_time_limit(ctx)}, cases=training_cases(ctx, c),
-                          trainer_cls=AdversarialTrainer,
+                          cases=training_cases(ctx, c), trainer_cls=AdversarialTrainer,
                           discriminator=_discriminator(ctx, len(inputs) + 1))
 
 
@@ -258,7 +256,7 @@ def _fit_cyclegan(ctx: Context, folder: Path, inputs: tuple[str, ...], output: s
     c = card(ctx, inputs, output)
     spec = {"forward": _unet(c, len(inputs), 1), "backward": _unet(c, 1, len(inputs))}
     return fit_supervised(ctx, folder, c, "cyclegan", spec, None, label="CycleGAN", trainer_cls=CycleTrainer,
-                          train={"time_limit_s": direction_time_limit(ctx)}, cases=training_cases(ctx, c),
+                          cases=training_cases(ctx, c),
                           unpaired=True, discriminators=(_discriminator(ctx, len(inputs)), _discriminator(ctx, 1)))
 
 
