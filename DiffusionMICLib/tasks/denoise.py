@@ -13,6 +13,16 @@ level; at run time `--sigma` (the input's units) or else the input's estimated l
 RunResult.info["sigma"].
 The output is in the input's units (the normalisation is inverted).
 
+Two augmentations of the clean crop before the noise, for scans unlike the phantom (whose tissue
+intensities are few and fixed and whose anatomy is an MNI152 average, smoother than any scan):
+{"task": {"gamma": [lo, hi]}} remaps the crop's [0, 1] intensities by x -> 0.5 (x / 0.5)^g, g drawn
+log-uniformly (the foreground median stays, contrast and the bright tail change: fat and CSF
+reach 2-3 times the median in real scans, about 1.2 in the phantom); {"task": {"texture": a}}
+multiplies it by 1 + a' T, a' uniform in [0, a], T a unit-variance Gaussian random field smoothed
+in-plane by sigma 0.5-1.5 voxels and the same in every stacked slice: fine structure that the
+neighbouring slices share, which the model must keep (noise is independent between slices).
+Both apply to the conditioning and the target alike.
+
 Self-supervised adaptation to noisy scans without clean versions (card.training["self_supervised"],
 set by `engine.pipeline.adapt`): Recorrupted-to-Recorrupted (Pang et al., CVPR 2021). With the
 scan y (imagesTr) and its noise level sigma (given, or `engine.noiselevel.estimate_sigma`), every
@@ -26,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.networks.layers import GaussianFilter
 
 from ..datasets import Case, Dataset
 from ..engine.batches import TrainingCase
@@ -52,6 +63,25 @@ def rician(clean01: torch.Tensor, sigma: torch.Tensor, generator: torch.Generato
     return torch.sqrt((clean01 + n1) ** 2 + n2**2)
 
 
+def vary_clean(cond01: torch.Tensor, target01: torch.Tensor, spec: dict[str, Any],
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "gamma" and "texture" augmentations (module docstring) of clean crops in [0, 1] units:
+    cond (B, C, y, x) and target (B, 1, y, x), changed alike per crop."""
+    b = cond01.shape[0]
+    if spec.get("texture"):
+        sigma = 0.5 + torch.rand(b, generator=generator)
+        field = torch.randn((b, 1, *cond01.shape[2:]), generator=generator)
+        field = torch.cat([GaussianFilter(2, float(sigma[i]))(field[i:i + 1]) for i in range(b)])
+        field = field / field.flatten(1).std(dim=1).clamp_min(1e-6).reshape(b, 1, 1, 1)
+        gain = 1 + float(spec["texture"]) * torch.rand((b, 1, 1, 1), generator=generator) * field
+        cond01, target01 = cond01 * gain, target01 * gain
+    if spec.get("gamma"):
+        lo, hi = np.log(spec["gamma"][0]), np.log(spec["gamma"][1])
+        g = torch.exp(lo + (hi - lo) * torch.rand((b, 1, 1, 1), generator=generator))
+        cond01, target01 = (0.5 * (cond01.clamp_min(0) / 0.5) ** g, 0.5 * (target01.clamp_min(0) / 0.5) ** g)
+    return cond01, target01
+
+
 class Denoise(Task):
     name = "denoise"
 
@@ -59,8 +89,9 @@ class Denoise(Task):
         spec = settings.get("task", {})
         context = int(settings.get("context", 0))
         noise_map = bool(spec.get("noise_map", False))
-        if noise_map and spec.get("noise_range") is None:
-            raise DiffusionMICError("denoise: noise_map needs noise_range (the levels to train on)")
+        for key in ("noise_map", "gamma", "texture"):
+            if spec.get(key) and spec.get("noise_range") is None:
+                raise DiffusionMICError(f"denoise: {key} needs noise_range (the levels to train on)")
         return ModelCard(
             name=settings.get("name", "denoise"), task=self.name,
             inputs=["noisy"], outputs=["clean"],
@@ -73,7 +104,8 @@ class Denoise(Task):
             sampler={"name": "dpm++2m", "steps": 10, **settings.get("sampler", {})},
             defaults={"strength": 1.0, "ensemble": 1, **settings.get("defaults", {})},
             training={"config": settings.get("train", {}), "channels": spec.get("channels", dataset.channels),
-                      "noise_range": spec.get("noise_range"), **({"noise_map": True} if noise_map else {})},
+                      "noise_range": spec.get("noise_range"), **({"noise_map": True} if noise_map else {}),
+                      **{k: spec[k] for k in ("gamma", "texture") if spec.get(k) is not None}},
         )
 
     def training_cases(self, card: ModelCard, dataset: Dataset, cases: list[Case]) -> list[TrainingCase]:
@@ -123,7 +155,8 @@ class Denoise(Task):
         lo, hi = card.training["noise_range"]
 
         def add_noise(batch: Batch, generator: torch.Generator) -> Batch:
-            clean01 = (batch.cond + 1) / 2      # the clean slice (and its neighbours, with context)
+            clean01, target01 = vary_clean((batch.cond + 1) / 2, (batch.target + 1) / 2, card.training, generator)
+            # clean01: the clean slice (and its neighbours, with context)
             # percent of the brightest tissue: each crop's 99th percentile (about 0.55 for T1 white
             # matter in these units, where the foreground median is 0.5)
             shape = (clean01.shape[0],) + (1,) * (clean01.ndim - 1)
@@ -133,7 +166,7 @@ class Denoise(Task):
             cond = rician(clean01, sigma01, generator) * 2 - 1
             if noise_map:      # the level in [-1, 1] units, one map per stacked slice
                 cond = torch.cat([cond, (2 * sigma01).expand_as(cond)], 1)
-            return Batch(batch.target, cond, batch.labels)
+            return Batch(target01 * 2 - 1, cond, batch.labels)
         noise_map = bool(card.training.get("noise_map"))
         return add_noise
 

@@ -369,3 +369,29 @@ def test_noise_map_conditions_on_the_given_or_estimated_level(phantom_dir):
         task.make_card(ds, {"task": {"noise_map": True}})
     with pytest.raises(DiffusionMICError, match="--sigma"):
         RunOptions(sigma=0).validate()
+
+
+def test_gamma_and_texture_change_conditioning_and_target_alike(phantom_dir):
+    """{"task": {"gamma": ..., "texture": ...}}: the clean crop is remapped (median kept) and given
+    fine structure shared by its stacked neighbours, before the noise; the target gets the same."""
+    import torch
+    from DiffusionMICLib.datasets import read_dataset
+    from DiffusionMICLib.engine.trainer import Batch
+    from DiffusionMICLib.errors import DiffusionMICError
+    from DiffusionMICLib.tasks import get_task
+    task, ds = get_task("denoise"), read_dataset(phantom_dir)
+    clean = 0.2 + torch.rand(4, 3, 24, 24) * 0.6            # [0, 1] units, 2.5D: three stacked slices
+    batch = Batch(clean[:, 1:2] * 2 - 1, clean * 2 - 1)
+    card = task.make_card(ds, {**SETTINGS, "context": 1, "task": {"noise_range": [0, 0], "gamma": [2, 2]}})
+    out = task.augment(card)(batch, torch.Generator().manual_seed(0))
+    expected = 0.5 * (clean / 0.5) ** 2
+    np.testing.assert_allclose((out.cond + 1).numpy() / 2, expected.numpy(), rtol=1e-4, atol=1e-5)   # no noise at 0 %
+    np.testing.assert_allclose(out.target.numpy(), out.cond[:, 1:2].numpy(), atol=1e-5)
+    card = task.make_card(ds, {**SETTINGS, "context": 1, "task": {"noise_range": [0, 0], "texture": 0.2}})
+    out = task.augment(card)(batch, torch.Generator().manual_seed(0))
+    gain = (out.cond + 1) / 2 / clean
+    assert float((gain - 1).abs().max()) > 0.01                                         # structure added
+    np.testing.assert_allclose(gain[:, 0].numpy(), gain[:, 2].numpy(), rtol=1e-4)       # shared by the neighbours
+    np.testing.assert_allclose(out.target.numpy(), out.cond[:, 1:2].numpy(), atol=1e-5)
+    with pytest.raises(DiffusionMICError, match="gamma needs noise_range"):
+        task.make_card(ds, {"task": {"gamma": [0.5, 2]}})
