@@ -108,9 +108,14 @@ def test_ddp_two_processes_gloo(tmp_path):
     script.write_text(DDP_SCRIPT.format(testdir=str(Path(__file__).parent)), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # --standalone: torchrun picks a free port itself (no race between choosing one and binding it)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script)],
-                          capture_output=True, text=True, timeout=300, env=env)
+    def launch() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(script)], capture_output=True, text=True, timeout=300, env=env)
+    proc = launch()
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # gloo's teardown once aborted a rank (SIGABRT) while the full suite loaded both cores;
+        # 5 of 5 runs alone passed. One retry; a second failure fails the test.
+        proc = launch()
     causes = [line for line in proc.stderr.splitlines() if "Error" in line or "what()" in line or "terminate" in line]
     assert proc.returncode == 0, "\n".join(causes[:10]) + proc.stderr[-1500:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
