@@ -19,6 +19,7 @@ class TrainingCase:
     label: int | None = None
     foreground: np.ndarray | None = None   # (z, y, x) bool: where crops are centred
     focus: list[np.ndarray] | None = None  # (N, 3) voxel indices per rare class, for oversampling
+    weight: np.ndarray | None = None   # (z, y, x) per-voxel loss weight (None: 1 everywhere)
 
 
 def whole_crop(shape: tuple[int, ...]) -> np.ndarray:
@@ -56,7 +57,7 @@ def random_batches(cases: list[TrainingCase], *, spatial_dims: int, patch: list[
     centres = [np.argwhere(c.foreground if c.foreground is not None else np.ones(c.target.shape[1:], bool))
                for c in cases]
     while True:
-        targets, conds, labels = [], [], []
+        targets, conds, labels, weights = [], [], [], []
         for _ in range(batch_size):
             i = int(rng.integers(len(cases)))
             case = cases[i]
@@ -74,7 +75,10 @@ def random_batches(cases: list[TrainingCase], *, spatial_dims: int, patch: list[
                 conds.append(pick(case.cond))
             if case.label is not None:
                 labels.append(case.label)
+            if case.weight is not None:
+                weights.append(pick(case.weight[None]))
         batch = Batch(torch.from_numpy(np.stack(targets)),
                       torch.from_numpy(np.stack(conds)) if conds else None,
-                      torch.tensor(labels, dtype=torch.long) if labels else None)
+                      torch.tensor(labels, dtype=torch.long) if labels else None,
+                      torch.from_numpy(np.stack(weights)) if weights else None)
         yield augment(batch, gen) if augment is not None else batch

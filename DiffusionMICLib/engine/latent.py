@@ -35,7 +35,7 @@ from .batches import TrainingCase, random_batches, whole_crop
 from .inference import windowed
 from .network import build_network
 from .schedule import NoiseSchedule
-from .trainer import Batch, TrainConfig, Trainer
+from .trainer import Batch, TrainConfig, Trainer, weighted_mean
 
 # MONAI's 3D brain LDM tutorial's autoencoder, without attention (its cost on a CPU at 2 mm) and
 # with 16 groups; 4x down-sampling, 3 latent channels.
@@ -141,7 +141,7 @@ class AutoencoderTrainer(Trainer):
         x = batch.target.to(self.device)
         recon, mu, sigma = self.model(x)
         kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2)) - 1).flatten(1).sum(1).mean()
-        l1 = torch.nn.functional.l1_loss(recon, x)
+        l1 = weighted_mean((recon - x).abs(), batch.weight)
         loss = l1 + self.kl_weight * kl
         self.parts = {"l1": float(l1.detach()), "kl": float(kl.detach())}
         if self.adversarial_weight and self.step >= self.adversarial_start:
@@ -188,7 +188,7 @@ def fit_autoencoder(latent: dict[str, Any], model: LatentModel, cases: list[Trai
     trainer.resume()
     oversample = float(stage1.get("oversample", 0.0))
     crops = [TrainingCase(target=c.target, foreground=brain(c.target),
-                          focus=[bright(c.target)] if oversample else None) for c in cases]
+                          focus=[bright(c.target)] if oversample else None, weight=c.weight) for c in cases]
     batches = random_batches(crops, spatial_dims=3, patch=list(stage1["patch"]), batch_size=config.batch_size,
                              seed=config.seed * 7919 + trainer.step, focus_fraction=oversample)
     progress.start("train autoencoder", config.max_steps, done=trainer.step)
@@ -212,14 +212,19 @@ def fit_autoencoder(latent: dict[str, Any], model: LatentModel, cases: list[Trai
 @torch.no_grad()
 def encode_cases(model: LatentModel, cases: list[TrainingCase], device: torch.device) -> list[TrainingCase]:
     """Each case and its left-right mirror as scaled latents (unscaled when the model has no
-    scale factor yet: the caller sets it from them)."""
+    scale factor yet: the caller sets it from them); a case's loss weight goes onto the latent
+    grid as the largest weight under each latent voxel."""
     model.autoencoder.eval()
     out = []
     for case in cases:
         x = torch.from_numpy(case.target[None]).to(device)
-        for image in (x, x.flip(-1)):
-            z = model.encode(image)[0].cpu().numpy()
-            out.append(TrainingCase(target=z, label=case.label, foreground=whole_crop(z.shape[1:])))
+        w = None
+        if case.weight is not None:
+            w = torch.nn.functional.max_pool3d(torch.from_numpy(case.weight)[None, None].float(), model.factor)[0, 0]
+        for mirror in (False, True):
+            z = model.encode(x.flip(-1) if mirror else x)[0].cpu().numpy()
+            weight = None if w is None else (w.flip(-1) if mirror else w).numpy()
+            out.append(TrainingCase(target=z, label=case.label, foreground=whole_crop(z.shape[1:]), weight=weight))
     return out
 
 

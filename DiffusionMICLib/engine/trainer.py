@@ -56,11 +56,20 @@ class Batch:
     target: torch.Tensor                 # x_0, (B, C, *spatial)
     cond: torch.Tensor | None = None     # concatenated conditioning, (B, Cc, *spatial)
     labels: torch.Tensor | None = None   # class labels (B,), long
+    weight: torch.Tensor | None = None   # per-voxel loss weight, (B, 1, *spatial); None: uniform
 
 
 def distributed_env() -> tuple[int, int]:
     """(rank, world_size) from torchrun's environment; (0, 1) when not distributed."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def weighted_mean(error: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean of a per-voxel error (B, C, *spatial), weighted per voxel when `weight` (B, 1, *spatial) is given."""
+    if weight is None:
+        return error.mean()
+    w = weight.to(error.device).expand_as(error)
+    return (w * error).sum() / w.sum()
 
 
 class EMA:
@@ -140,7 +149,7 @@ class Trainer:
             kwargs["class_labels"] = labels
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             pred = self.model(inp, t, **kwargs)
-        loss = torch.nn.functional.mse_loss(pred.float(), target)
+        loss = weighted_mean((pred.float() - target) ** 2, batch.weight)
         return loss if self.x0_loss is None else loss + self.x0_loss(pred.float(), batch)
 
     def learning_rate(self, step: int) -> float:

@@ -16,6 +16,7 @@ from ..engine.batches import TrainingCase
 from ..engine.latent import RECORD, WEIGHTS
 from ..engine.pipeline import train
 from ..engine.space import from_unit, robust_scale, to_unit
+from ..errors import DiffusionMICError
 from ..metrics import bright_tail_fractions, generation_metrics, image_metrics
 from ..models import ModelCard, load_model, read_card, resolve_model
 from ..progress import Progress
@@ -112,12 +113,20 @@ LATENT_V = {"schedule": {"prediction_type": "v_prediction", "beta_schedule": "sc
 LONG_AE = 4
 
 
-def latent_recipe(ctx: Context, unet: dict[str, Any] | None = None, ae_scale: int = 1) -> dict[str, Any]:
+# No row drew lesions: they are 0.3 % of the latent voxels, so the UNet's loss is anatomy. The
+# diffusion-latent-lesion row weights the loss LESION_WEIGHT + 1 on the latent voxels over each
+# training subject's lesions (in its lesion example and its healthy twin), which gives them about
+# an eighth of the loss; it reuses the diffusion-latent-long row's autoencoder.
+LESION_WEIGHT = 50.0
+
+
+def latent_recipe(ctx: Context, unet: dict[str, Any] | None = None, ae_scale: int = 1,
+                  task: dict[str, Any] | None = None) -> dict[str, Any]:
     b = ctx.budget
     base = {**recipe(ctx), **(unet or {})}
     spec = QUICK_LATENT if ctx.quick else LATENT
     ae = spec["autoencoder"]
-    return {**base, "task": spec["task"],
+    return {**base, "task": {**spec["task"], **(task or {})},
             "autoencoder": {**ae, "adversarial_start": b.steps // 3,
                             "train": {"max_steps": b.steps * ae_scale, "batch_size": 2 if ctx.quick else 4,
                                       "lr": 1e-3 if ctx.quick else 1e-4, "time_limit_s": b.time_limit_s * ae_scale,
@@ -242,23 +251,30 @@ def _fit_diffusion(ctx: Context, folder: Path) -> dict[str, Any]:
                              progress=ctx.progress, resume=True).training)
 
 
-def _fit_latent(ctx: Context, folder: Path, unet: dict[str, Any] | None = None, ae_scale: int = 1) -> dict[str, Any]:
-    t = train(TASK, ctx.data.train_dir, folder / "model", settings=latent_recipe(ctx, unet, ae_scale), device=str(ctx.device),
-              progress=ctx.progress, resume=True)
+def _fit_latent(ctx: Context, folder: Path, unet: dict[str, Any] | None = None, ae_scale: int = 1,
+                task: dict[str, Any] | None = None) -> dict[str, Any]:
+    t = train(TASK, ctx.data.train_dir, folder / "model", settings=latent_recipe(ctx, unet, ae_scale, task),
+              device=str(ctx.device), progress=ctx.progress, resume=True)
     ae = t.latent["training"]
     return {**budget_used(t.training), "wall_time_s": round(t.training["wall_time_s"] + ae["wall_time_s"], 1),
             "autoencoder": {k: ae[k] for k in ("steps", "batch_size", "patch", "wall_time_s")}}
 
 
-def _fit_latent_v(ctx: Context, folder: Path) -> dict[str, Any]:
-    """The UNet ablation: the finished autoencoder of the diffusion-latent row when there is one
-    (copied: only the UNet's recipe differs), else its own, trained the same way."""
-    finished = ctx.out / "diffusion-latent" / "model" / "autoencoder"
+def _reuse_autoencoder(ctx: Context, row: str, folder: Path) -> bool:
+    """Copy row's finished autoencoder into folder's model (once); whether folder has one now."""
+    finished = ctx.out / row / "model" / "autoencoder"
     mine = folder / "model" / "autoencoder"
     if (finished / RECORD).is_file() and not (mine / RECORD).is_file():
         mine.mkdir(parents=True, exist_ok=True)
         for name in (WEIGHTS, RECORD):            # the record last: it marks the stage finished
             shutil.copy2(finished / name, mine / name)
+    return (mine / RECORD).is_file()
+
+
+def _fit_latent_v(ctx: Context, folder: Path) -> dict[str, Any]:
+    """The UNet ablation: the finished autoencoder of the diffusion-latent row when there is one
+    (copied: only the UNet's recipe differs), else its own, trained the same way."""
+    _reuse_autoencoder(ctx, "diffusion-latent", folder)
     return _fit_latent(ctx, folder, LATENT_V)
 
 
@@ -269,6 +285,14 @@ def _fit_latent_long(ctx: Context, folder: Path) -> dict[str, Any]:
     if finished.is_dir() and not mine.exists():
         shutil.copytree(finished, mine)
     return _fit_latent(ctx, folder, LATENT_V, ae_scale=LONG_AE)
+
+
+def _fit_latent_lesion(ctx: Context, folder: Path) -> dict[str, Any]:
+    """diffusion-latent-long's UNet recipe with the lesion-weighted loss, over that row's autoencoder."""
+    if not _reuse_autoencoder(ctx, "diffusion-latent-long", folder):
+        raise DiffusionMICError("diffusion-latent-lesion reuses the diffusion-latent-long row's autoencoder: "
+                                "run that row first (--methods diffusion-latent-long)")
+    return _fit_latent(ctx, folder, LATENT_V, ae_scale=LONG_AE, task={"lesion_weight": LESION_WEIGHT})
 
 
 def _diffusion_draws(ctx: Context, model: str | Path) -> Callable[[], list[tuple[str | None, Sample]]]:
@@ -400,6 +424,10 @@ def methods(quick: bool) -> list[Method]:
                "diffusion", _eval_latent, _fit_latent_long,
                note=f"not budget-matched: the autoencoder gets {LONG_AE}x the study's steps; training: its steps + "
                     "the UNet's; time: both"),
+        Method("diffusion-latent-lesion", f"Latent diffusion as above, loss weighted x{LESION_WEIGHT + 1:g} on lesions",
+               "diffusion", _eval_latent, _fit_latent_lesion,
+               note="not budget-matched: the diffusion-latent-long row's autoencoder; training: its steps + the "
+                    "UNet's; time: both"),
         Method("diffusion-bundled", f"Diffusion, bundled {BUNDLED}", "diffusion", _eval_bundled, note=bundled_note(BUNDLED, ", 4 mm grid")),
         Method("vae", "VAE (MONAI VarAutoEncoder, N(0, I) latents)", "learned", _eval_decoder, _fit_vae),
         Method("gan", "GAN (MONAI Generator + PatchDiscriminator)", "learned", _eval_decoder, _fit_gan),

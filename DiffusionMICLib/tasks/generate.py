@@ -31,6 +31,10 @@ Channels and classes ({"task": {...}} in the training settings):
   classifier-free guidance; without `--condition` a class-conditional model samples the null
   (unconditional) class.
 - "variant": which images to learn from: null (imagesTr, noise included) or e.g. "cleanTr".
+- "lesion_weight": w > 0 weights the loss 1 + w on the voxels of each case's lesions (and
+  their Gaussian-prefiltered rim on the grid; a latent model: the latent voxels over them), in
+  its lesion example and its healthy twin alike: lesions fill a few per mille of the brain, so a
+  plain loss learns anatomy and leaves them out. Needs classes "lesion".
 
 Run (`run generate`, no input): `--count N` samples with seeds seed, seed+1, ...; output keys
 "output" (sample 1), "2", "3", ... (sample 2, 3, ...), and for a second, third channel the
@@ -117,6 +121,10 @@ class Generate(Task):
                                     f"({', '.join(dataset.channels)})")
         if mode == "lesion" and "lesion" not in dataset.labels:
             raise DiffusionMICError("generate: classes 'lesion' needs a label named 'lesion' in dataset.json")
+        lesion_weight = float(spec.get("lesion_weight", 0.0))
+        if lesion_weight < 0 or (lesion_weight and mode != "lesion"):
+            raise DiffusionMICError(f"generate: lesion_weight must be >= 0 and needs classes 'lesion', "
+                                    f"got {lesion_weight:g} with classes {mode!r}")
         classes = {"lesion": ["healthy", "lesion"], "modality": channels}.get(mode, [])
         outputs = ["image"] if mode == "modality" else channels
         net = {**NETWORK_3D, **settings.get("network", {}), "spatial_dims": 3}
@@ -144,7 +152,8 @@ class Generate(Task):
             classes=classes, latent=latent,
             sampler={"name": "dpm++2m", "steps": 20, **settings.get("sampler", {})},
             defaults={"guidance": 1.0, **settings.get("defaults", {})},
-            training={"config": {"batch_size": 4, **settings.get("train", {})}, "variant": spec.get("variant")},
+            training={"config": {"batch_size": 4, **settings.get("train", {})}, "variant": spec.get("variant"),
+                      **({"lesion_weight": lesion_weight} if lesion_weight else {})},
         )
 
     def _examples(self, card: ModelCard, dataset: Dataset, case: Case) -> list[tuple[list[Volume], int | None]]:
@@ -169,13 +178,24 @@ class Generate(Task):
             return from_labels.training_cases(card, dataset, cases)
         grid = Geometry.from_dict(card.grid)
         centre = whole_crop(grid.size[::-1])
+        lesion_weight = float(card.training.get("lesion_weight", 0.0))
         out = []
         for case in cases:
+            weight = self._lesion_weight(dataset, case, grid, lesion_weight) if lesion_weight else None
             for volumes, label in self._examples(card, dataset, case):
                 arrays = np.stack([to_unit(onto_grid(v, grid), robust_scale(v.array, card.normalisation))
                                    for v in volumes])
-                out.append(TrainingCase(target=arrays, label=label, foreground=centre))
+                out.append(TrainingCase(target=arrays, label=label, foreground=centre, weight=weight))
         return out
+
+    @staticmethod
+    def _lesion_weight(dataset: Dataset, case: Case, grid: Geometry, w: float) -> np.ndarray:
+        """1 + w where the case's lesion label, resampled as the images are, is above 0.1; else 1."""
+        if case.label is None:
+            return np.ones(grid.size[::-1], np.float32)
+        labels = case.read_label()
+        mask = labels.with_array((labels.array == dataset.labels["lesion"]).astype(np.float32))
+        return (1.0 + w * (onto_grid(mask, grid) > 0.1)).astype(np.float32)
 
     def augment(self, card: ModelCard):
         if card.inputs or card.latent:      # a latent model learns each case's mirror image's latent instead
@@ -184,7 +204,10 @@ class Generate(Task):
             which = torch.rand(batch.target.shape[0], generator=generator) < 0.5
             target = batch.target.clone()
             target[which] = target[which].flip(-1)       # x: left-right in RAS
-            return Batch(target, batch.cond, batch.labels)
+            weight = None if batch.weight is None else batch.weight.clone()
+            if weight is not None:
+                weight[which] = weight[which].flip(-1)
+            return Batch(target, batch.cond, batch.labels, weight)
         return flip
 
     def run(self, card: ModelCard, network: torch.nn.Module, volumes: list[Volume], options: RunOptions,

@@ -131,6 +131,48 @@ def test_class_conditional_guidance_and_errors(phantom_dir, tmp_path, model):
     assert [c.label for c in task.training_cases(modality, dataset, dataset.cases[:1])] == [0, 1, 2, 3]
 
 
+def test_lesion_weight_marks_the_lesions_in_both_twins(phantom_dir, tmp_path, capsys):
+    """lesion_weight: 1 + w on the grid voxels of the case's lesion label, the same map for its
+    lesion example and its healthy twin, flipped with the image; one line without classes 'lesion'."""
+    task = get_task("generate")
+    dataset = read_dataset(phantom_dir)
+    spec = {"spacing": [8.0, 8.0, 8.0], "classes": "lesion", "lesion_weight": 9.0}
+    card = task.make_card(dataset, {**SETTINGS, "task": spec})
+    sick, healthy = task.training_cases(card, dataset, dataset.cases[:1])
+    assert sick.weight is healthy.weight and sick.weight.shape == sick.target.shape[1:]
+    assert set(np.unique(sick.weight)) == {1.0, 10.0}
+    lesion = read_volume(phantom_dir / "labelsTr" / "phantom_000.nii.gz")
+    from DiffusionMICLib.tasks.generate import onto_grid
+    soft = onto_grid(lesion.with_array((lesion.array == 4).astype(np.float32)), Geometry.from_dict(card.grid))
+    assert np.array_equal(sick.weight > 1, soft > 0.1) and 0 < (sick.weight > 1).mean() < 0.05
+    assert (sick.target[0][sick.weight > 1].mean() != healthy.target[0][sick.weight > 1].mean())
+    flip = task.augment(card)
+    from DiffusionMICLib.engine.trainer import Batch
+    batch = Batch(torch.from_numpy(sick.target[None]), None, None, torch.from_numpy(sick.weight[None, None]))
+    flipped = flip(batch, torch.Generator().manual_seed(0))
+    for b in (flipped,) + tuple(flip(batch, torch.Generator().manual_seed(k)) for k in (1, 2, 3)):
+        mirrored = torch.equal(b.target, batch.target.flip(-1))
+        assert torch.equal(b.weight, batch.weight.flip(-1) if mirrored else batch.weight)
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({**SETTINGS, "task": {"spacing": [8.0, 8.0, 8.0], "lesion_weight": 5}}), encoding="utf-8")
+    assert cli_main(["train", "generate", "--data", str(phantom_dir), "--out", str(tmp_path / "out"),
+                     "--config", str(config), "--max-steps", "1", "--progress", "none"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lesion_weight" in err[0] and not (tmp_path / "out").exists()
+
+
+def test_weighted_loss_counts_the_weighted_voxels():
+    """The trainer's per-voxel weight: a weight of 1 everywhere is the plain mean; a weight on one
+    voxel moves the loss toward that voxel's error."""
+    from DiffusionMICLib.engine.trainer import weighted_mean
+    error = torch.zeros(2, 1, 4, 4, 4)
+    error[0, 0, 1, 1, 1] = 64.0
+    assert weighted_mean(error, None) == weighted_mean(error, torch.ones(2, 1, 4, 4, 4)) == 0.5
+    weight = torch.ones(2, 1, 4, 4, 4)
+    weight[0, 0, 1, 1, 1] = 129.0
+    assert torch.isclose(weighted_mean(error, weight), torch.tensor(64.0 * 129 / 256))
+
+
 def test_output_grid_and_keys():
     g = Geometry((80, 104, 88), (2.0, 2.0, 2.0), (79.0, 111.0, -71.0), (-1, 0, 0, 0, -1, 0, 0, 0, 1))
     grid = output_grid(Volume(np.zeros((88, 104, 80), np.float32), g), [6.0, 6.0, 6.0], 4)

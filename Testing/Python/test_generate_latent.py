@@ -143,6 +143,25 @@ def test_oversampling_centres_crops_on_rare_bright_voxels():
     assert share(0.5) > 0.35 and share(0.0) < 0.1
 
 
+def test_encoded_cases_carry_the_loss_weight_onto_the_latent_grid():
+    """A case's loss weight becomes the largest weight under each latent voxel, mirrored with the
+    mirrored latent."""
+    from DiffusionMICLib.engine.batches import TrainingCase
+    from DiffusionMICLib.engine.latent import encode_cases
+    spec = latent_spec({"network": {"channels": [16, 16, 16], "latent_channels": 3}}, channels=1)
+    net = build_model({"spatial_dims": 3, "in_channels": 3, "out_channels": 3, "channels": [16, 32],
+                       "attention_levels": [False, False], "num_res_blocks": 1, "norm_num_groups": 16,
+                       "num_head_channels": 32}, {**spec, "scale_factor": 1.0})
+    weight = np.ones((16, 16, 16), np.float32)
+    weight[5, 6, 1] = 7.0
+    plain, mirror = encode_cases(net, [TrainingCase(target=np.zeros((1, 16, 16, 16), np.float32), weight=weight)],
+                                 torch.device("cpu"))
+    assert plain.weight.shape == plain.target.shape[1:] == (4, 4, 4)
+    expected = np.ones((4, 4, 4), np.float32)
+    expected[1, 1, 0] = 7.0
+    assert np.array_equal(plain.weight, expected) and np.array_equal(mirror.weight, expected[..., ::-1])
+
+
 def test_bad_latent_settings_one_line_and_nothing_written(phantom_dir, tmp_path, capsys):
     for name, settings, message in [
             ("segment", {"autoencoder": {}}, "for whole-volume generation models only"),

@@ -113,3 +113,20 @@ def test_latent_row_trains_both_stages_and_samples_on_its_grid(tiny: Context):
           for row in ("diffusion-latent", "diffusion-latent-v")]
     assert ae[0] == ae[1]
     assert read_card(tiny.out / "diffusion-latent-v" / "model").schedule["prediction_type"] == "v_prediction"
+
+
+def test_lesion_row_reuses_the_long_autoencoder(tiny: Context):
+    """diffusion-latent-lesion needs the diffusion-latent-long row's autoencoder (one line, nothing
+    trained, without it), then trains only its UNet over a copy of it, with the lesion weight."""
+    from DiffusionMICLib.models import read_card
+    tiny = replace(tiny, out=tiny.out / "lesion-row", budget=replace(tiny.budget, steps=4))
+    with pytest.raises(DiffusionMICError, match="run that row first"):
+        study._fit_latent_lesion(tiny, tiny.out / "diffusion-latent-lesion")
+    assert not (tiny.out / "diffusion-latent-lesion" / "model" / "model.json").exists()
+    long = study._fit_latent_long(tiny, tiny.out / "diffusion-latent-long")
+    info = study._fit_latent_lesion(tiny, tiny.out / "diffusion-latent-lesion")
+    assert info["autoencoder"] == long["autoencoder"] and info["steps"] == 4
+    ae = [(tiny.out / row / "model" / "autoencoder" / "autoencoder.safetensors").read_bytes()
+          for row in ("diffusion-latent-long", "diffusion-latent-lesion")]
+    assert ae[0] == ae[1]
+    assert read_card(tiny.out / "diffusion-latent-lesion" / "model").training["lesion_weight"] == study.LESION_WEIGHT
