@@ -130,3 +130,7 @@ def test_lesion_row_reuses_the_long_autoencoder(tiny: Context):
           for row in ("diffusion-latent-long", "diffusion-latent-lesion")]
     assert ae[0] == ae[1]
     assert read_card(tiny.out / "diffusion-latent-lesion" / "model").training["lesion_weight"] == study.LESION_WEIGHT
+    # The long row continues that UNet's checkpoint to LONG_UNET times the steps.
+    longer = study._fit_latent_lesion_long(tiny, tiny.out / "diffusion-latent-lesion-long")
+    assert longer["steps"] == 4 * study.LONG_UNET and longer["autoencoder"] == long["autoencoder"]
+    assert longer["wall_time_s"] - info["wall_time_s"] > 0        # the first 4 steps' time is carried over
