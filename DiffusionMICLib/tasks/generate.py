@@ -202,12 +202,13 @@ class Generate(Task):
             return None
         def flip(batch: Batch, generator: torch.Generator) -> Batch:
             which = torch.rand(batch.target.shape[0], generator=generator) < 0.5
-            target = batch.target.clone()
-            target[which] = target[which].flip(-1)       # x: left-right in RAS
-            weight = None if batch.weight is None else batch.weight.clone()
-            if weight is not None:
-                weight[which] = weight[which].flip(-1)
-            return Batch(target, batch.cond, batch.labels, weight)
+
+            def mirrored(t: torch.Tensor) -> torch.Tensor:
+                out = t.clone()
+                out[which] = out[which].flip(-1)          # x: left-right in RAS
+                return out
+            return Batch(mirrored(batch.target), batch.cond, batch.labels,
+                         None if batch.weight is None else mirrored(batch.weight))
         return flip
 
     def run(self, card: ModelCard, network: torch.nn.Module, volumes: list[Volume], options: RunOptions,
