@@ -213,19 +213,30 @@ def fit_autoencoder(latent: dict[str, Any], model: LatentModel, cases: list[Trai
 def encode_cases(model: LatentModel, cases: list[TrainingCase], device: torch.device) -> list[TrainingCase]:
     """Each case and its left-right mirror as scaled latents (unscaled when the model has no
     scale factor yet: the caller sets it from them); a case's loss weight goes onto the latent
-    grid as the largest weight under each latent voxel."""
+    grid as the largest weight under each latent voxel, its conditioning channels as their
+    mean over each latent voxel."""
     model.autoencoder.eval()
     out = []
     for case in cases:
         x = torch.from_numpy(case.target[None]).to(device)
-        w = None
+        w = c = None
         if case.weight is not None:
             w = torch.nn.functional.max_pool3d(torch.from_numpy(case.weight)[None, None].float(), model.factor)[0, 0]
+        if case.cond is not None:
+            c = latent_grid(torch.from_numpy(case.cond).float(), model.factor)
+
+        def mirrored(t: torch.Tensor | None, mirror: bool) -> np.ndarray | None:
+            return None if t is None else (t.flip(-1) if mirror else t).numpy()
         for mirror in (False, True):
             z = model.encode(x.flip(-1) if mirror else x)[0].cpu().numpy()
-            weight = None if w is None else (w.flip(-1) if mirror else w).numpy()
-            out.append(TrainingCase(target=z, label=case.label, foreground=whole_crop(z.shape[1:]), weight=weight))
+            out.append(TrainingCase(target=z, cond=mirrored(c, mirror), label=case.label,
+                                    foreground=whole_crop(z.shape[1:]), weight=mirrored(w, mirror)))
     return out
+
+
+def latent_grid(maps: torch.Tensor, factor: int) -> torch.Tensor:
+    """(C, z, y, x) maps on the image grid -> their means over each latent voxel."""
+    return torch.nn.functional.avg_pool3d(maps[None], factor)[0]
 
 
 def prepare(latent: dict[str, Any], model: LatentModel, cases: list[TrainingCase], folder: Path,

@@ -19,7 +19,7 @@ from ..volume import Volume, read_volume, write_volume
 from .batches import TrainingCase, random_batches
 from .inference import stack_neighbours
 from .lora import add_lora, merge_lora, parameter_counts
-from .latent import build_model, prepare
+from .latent import LatentModel, build_model, prepare
 from .sampling import select_device
 from .space import scaled_range
 from .trainer import TrainConfig, Trainer
@@ -64,6 +64,34 @@ def _run_record(training: dict[str, Any]) -> dict[str, Any]:
             "lr_schedule": config.get("lr_schedule", "constant"), "max_steps": config.get("max_steps")}
 
 
+def start_from(network: torch.nn.Module, model: str | Path) -> dict[str, Any]:
+    """Start `network`'s diffusion UNet from a trained model's (settings "init"): tensors of equal
+    shape are copied; one with more input channels here (dim 1: the first convolution of a UNet
+    given new conditioning channels) gets the model's weights in its first channels and zeros in
+    the rest, so the new inputs start with no effect (as InstructPix2Pix extends Stable
+    Diffusion's first convolution). The autoencoder of a latent model is not taken from it."""
+    card, base = load_model(model)
+
+    def unet(n: torch.nn.Module) -> torch.nn.Module:
+        return n.unet if isinstance(n, LatentModel) else n
+    theirs, mine = unet(base).state_dict(), unet(network).state_dict()
+    if theirs.keys() != mine.keys():
+        raise DiffusionMICError(f"init: model '{card.name}' has another network architecture than this one")
+    for key, old in theirs.items():
+        new = mine[key]
+        if new.shape == old.shape:
+            new.copy_(old)
+        elif (new.ndim == old.ndim > 1 and new.shape[0] == old.shape[0] and new.shape[2:] == old.shape[2:]
+              and new.shape[1] > old.shape[1]):
+            new.zero_()
+            new[:, :old.shape[1]] = old
+        else:
+            raise DiffusionMICError(f"init: model '{card.name}''s {key} is {tuple(old.shape)}, this network's "
+                                    f"{tuple(new.shape)}")
+    unet(network).load_state_dict(mine)
+    return {"model": card.name, "sha256": card.sha256}
+
+
 def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[str, Any] | None = None,
           max_steps: int | None = None, device: str = "auto", progress: Progress | None = None,
           resume: bool = True, base: tuple[ModelCard, torch.nn.Module] | None = None,
@@ -98,6 +126,8 @@ def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[s
     torch.manual_seed(config.seed)       # the initial weights too: the same settings train the same model
     if base is None:
         network = build_model(card.network, card.latent)
+        if settings.get("init"):
+            card.training["init"] = start_from(network, settings["init"])
     progress.start("load data", len(cases))
     training_cases = task.training_cases(card, dataset, cases)
     if card.inputs and LABEL_INPUT not in card.inputs:

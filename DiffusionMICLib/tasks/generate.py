@@ -35,8 +35,12 @@ Channels and classes ({"task": {...}} in the training settings):
   their Gaussian-prefiltered rim on the grid; a latent model: the latent voxels over them), in
   its lesion example and its healthy twin alike: lesions fill a few per mille of the brain, so a
   plain loss learns anatomy and leaves them out. Needs classes "lesion".
+- "lesion_map": true gives the UNet a lesion map as one more input channel (lesion_maps.py): the
+  lesion example gets its lesion label's fraction per voxel, its healthy twin zeros. `run
+  --condition lesion` then takes a lesion mask as input (its volume is the lesion load) or draws
+  one of the training subjects' maps, which the card keeps. Needs classes "lesion".
 
-Run (`run generate`, no input): `--count N` samples with seeds seed, seed+1, ...; output keys
+Run (`run generate`, no input; a lesion-map model: an optional lesion mask): `--count N` samples with seeds seed, seed+1, ...; output keys
 "output" (sample 1), "2", "3", ... (sample 2, 3, ...), and for a second, third channel the
 channel name is appended ("T2", "2-T2"), which the CLI writes as OUT, OUT-2, OUT-T2, OUT-2-T2
 beside --output. Values are in the training data's normalised scale (about [0, 1.2]: each
@@ -67,7 +71,7 @@ from ..metrics import generation_metrics
 from ..models import ModelCard
 from ..progress import Progress
 from ..volume import Geometry, Volume, orient, resample_to
-from . import from_labels
+from . import from_labels, lesion_maps
 from .base import RunOptions, RunResult, Task
 
 NORMALISATION = {"method": "percentile", "percentile": 99.5, "value": 1.0}
@@ -125,6 +129,9 @@ class Generate(Task):
         if lesion_weight < 0 or (lesion_weight and mode != "lesion"):
             raise DiffusionMICError(f"generate: lesion_weight must be >= 0 and needs classes 'lesion', "
                                     f"got {lesion_weight:g} with classes {mode!r}")
+        lesion_map = bool(spec.get("lesion_map", False))
+        if lesion_map and mode != "lesion":
+            raise DiffusionMICError(f"generate: lesion_map needs classes 'lesion', got classes {mode!r}")
         classes = {"lesion": ["healthy", "lesion"], "modality": channels}.get(mode, [])
         outputs = ["image"] if mode == "modality" else channels
         net = {**NETWORK_3D, **settings.get("network", {}), "spatial_dims": 3}
@@ -132,7 +139,7 @@ class Generate(Task):
             net["attention_levels"] = [False] * len(net["channels"])
         latent = latent_spec(settings["autoencoder"], len(outputs)) if "autoencoder" in settings else None
         width = latent["autoencoder"]["latent_channels"] if latent else len(outputs)
-        network = network_config(width, width, len(classes) or None, **net)
+        network = network_config(width + lesion_map, width, len(classes) or None, **net)
         shrink = autoencoder_factor(latent) if latent else 1
         grid = settings.get("grid") or output_grid(dataset.cases[0].read(channels[0]),
                                                    list(spec.get("spacing", [4.0, 4.0, 4.0])),
@@ -153,7 +160,8 @@ class Generate(Task):
             sampler={"name": "dpm++2m", "steps": 20, **settings.get("sampler", {})},
             defaults={"guidance": 1.0, **settings.get("defaults", {})},
             training={"config": {"batch_size": 4, **settings.get("train", {})}, "variant": spec.get("variant"),
-                      **({"lesion_weight": lesion_weight} if lesion_weight else {})},
+                      **({"lesion_weight": lesion_weight} if lesion_weight else {}),
+                      **({"lesion_map": True, "lesion_label": dataset.labels["lesion"]} if lesion_map else {})},
         )
 
     def _examples(self, card: ModelCard, dataset: Dataset, case: Case) -> list[tuple[list[Volume], int | None]]:
@@ -179,23 +187,29 @@ class Generate(Task):
         grid = Geometry.from_dict(card.grid)
         centre = whole_crop(grid.size[::-1])
         lesion_weight = float(card.training.get("lesion_weight", 0.0))
+        with_map = bool(card.training.get("lesion_map"))
         out = []
         for case in cases:
-            weight = self._lesion_weight(dataset, case, grid, lesion_weight) if lesion_weight else None
+            lesions = lesion_maps.case_lesions(dataset, case, grid, onto_grid) if lesion_weight or with_map else None
+            weight = (1.0 + lesion_weight * (lesions > 0.1)).astype(np.float32) if lesion_weight else None
             for volumes, label in self._examples(card, dataset, case):
                 arrays = np.stack([to_unit(onto_grid(v, grid), robust_scale(v.array, card.normalisation))
                                    for v in volumes])
-                out.append(TrainingCase(target=arrays, label=label, foreground=centre, weight=weight))
+                cond = None
+                if with_map:     # a healthy example (the twin too) is told: no lesion here
+                    cond = (lesions if card.classes[label] == "lesion" else np.zeros_like(lesions))[None]
+                out.append(TrainingCase(target=arrays, cond=cond, label=label, foreground=centre, weight=weight))
         return out
 
-    @staticmethod
-    def _lesion_weight(dataset: Dataset, case: Case, grid: Geometry, w: float) -> np.ndarray:
-        """1 + w where the case's lesion label, resampled as the images are, is above 0.1; else 1."""
-        if case.label is None:
-            return np.ones(grid.size[::-1], np.float32)
-        labels = case.read_label()
-        mask = labels.with_array((labels.array == dataset.labels["lesion"]).astype(np.float32))
-        return (1.0 + w * (onto_grid(mask, grid) > 0.1)).astype(np.float32)
+    def calibrate(self, card: ModelCard, network: torch.nn.Module, dataset: Dataset, cases: list,
+                  device: torch.device, progress: Progress) -> None:
+        """A lesion-map model keeps its training subjects' lesion maps: what `--condition lesion` draws
+        without a mask."""
+        if not card.training.get("lesion_map"):
+            return
+        grid = Geometry.from_dict(card.grid)
+        maps = [lesion_maps.case_lesions(dataset, case, grid, onto_grid) for case in cases]
+        card.training["lesion_maps"] = lesion_maps.keep([lesion_maps.unet_grid(card, m) for m in maps if m.max() > 0.1])
 
     def augment(self, card: ModelCard):
         if card.inputs or card.latent:      # a latent model learns each case's mirror image's latent instead
@@ -207,7 +221,7 @@ class Generate(Task):
                 out = t.clone()
                 out[which] = out[which].flip(-1)          # x: left-right in RAS
                 return out
-            return Batch(mirrored(batch.target), batch.cond, batch.labels,
+            return Batch(mirrored(batch.target), None if batch.cond is None else mirrored(batch.cond), batch.labels,
                          None if batch.weight is None else mirrored(batch.weight))
         return flip
 
@@ -222,9 +236,12 @@ class Generate(Task):
             return RunResult({sample_key(i, c, ch): v for i, sample in enumerate(drawn)
                               for c, (ch, v) in enumerate(zip(card.outputs, sample))},
                              {"count": options.count, "channels": card.outputs, "labels": dict(card.labels)})
-        if volumes:
+        with_map = bool(card.training.get("lesion_map"))
+        if volumes and not with_map:
             raise DiffusionMICError("generate takes no input volume: the output grid comes from the model card "
-                                    "(a model trained from label maps takes one)")
+                                    "(a model trained from label maps or lesion maps takes one)")
+        if len(volumes) > 1 or (volumes and options.condition != "lesion"):
+            raise DiffusionMICError(f"model '{card.name}' takes one input, a lesion mask, with --condition lesion")
         if not card.grid:
             raise DiffusionMICError(f"model '{card.name}' has no output grid in its card")
         grid = Geometry.from_dict(card.grid)
@@ -241,9 +258,16 @@ class Generate(Task):
             raise DiffusionMICError(f"model '{card.name}' is unconditional: it takes no --condition")
         progress.start("generate", 0)
         outputs: dict[str, Volume] = {}
+        given = lesion_maps.from_mask(card, volumes[0], onto_grid) if volumes else None
+        loads = []
         for i in range(options.count):
             generator = torch.Generator().manual_seed(options.seed + i)
-            x = sample_volume(card, network, None, shape=tuple(card.patch), class_label=label,
+            cond = None
+            if with_map:       # the healthy and the null class: no lesion
+                cond = (given if given is not None else lesion_maps.drawn(card, options.seed + i)
+                        if options.condition == "lesion" else np.zeros((1, *card.patch), np.float32))
+                loads.append(lesion_maps.load_ml(card, cond))
+            x = sample_volume(card, network, cond, shape=tuple(card.patch), class_label=label,
                               guidance=options.guidance, sampler=options.sampler, steps=options.steps,
                               generator=generator, device=device, progress=progress, batch_size=options.batch_size)
             if card.latent:
@@ -253,7 +277,8 @@ class Generate(Task):
         progress.close()
         names = options.condition if options.condition is not None else ("unconditional" if card.classes else None)
         return RunResult(outputs, {"count": options.count, "condition": names, "guidance": options.guidance,
-                                   "channels": card.outputs, "spacing_mm": list(grid.spacing)})
+                                   "channels": card.outputs, "spacing_mm": list(grid.spacing),
+                                   **({"lesion_load_ml": loads} if with_map else {})})
 
     def evaluate(self, pred: Volume, ref: Volume, mask: Volume | None) -> dict[str, Any]:
         return generation_metrics([pred], [ref])

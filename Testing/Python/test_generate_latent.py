@@ -144,7 +144,8 @@ def test_oversampling_centres_crops_on_rare_bright_voxels():
 
 
 def test_encoded_cases_carry_the_loss_weight_onto_the_latent_grid():
-    """A case's loss weight becomes the largest weight under each latent voxel, mirrored with the
+    """A case's loss weight becomes the largest weight under each latent voxel, its conditioning
+    channels their mean over it (a lesion map: the lesion fraction), both mirrored with the
     mirrored latent."""
     from DiffusionMICLib.engine.batches import TrainingCase
     from DiffusionMICLib.engine.latent import encode_cases
@@ -154,12 +155,17 @@ def test_encoded_cases_carry_the_loss_weight_onto_the_latent_grid():
                        "num_head_channels": 32}, {**spec, "scale_factor": 1.0})
     weight = np.ones((16, 16, 16), np.float32)
     weight[5, 6, 1] = 7.0
-    plain, mirror = encode_cases(net, [TrainingCase(target=np.zeros((1, 16, 16, 16), np.float32), weight=weight)],
-                                 torch.device("cpu"))
+    cond = np.zeros((1, 16, 16, 16), np.float32)
+    cond[0, 4:6, 4:8, 0:4] = 1.0              # 32 of the 64 image voxels under latent voxel (1, 1, 0)
+    plain, mirror = encode_cases(net, [TrainingCase(target=np.zeros((1, 16, 16, 16), np.float32), cond=cond,
+                                                    weight=weight)], torch.device("cpu"))
     assert plain.weight.shape == plain.target.shape[1:] == (4, 4, 4)
     expected = np.ones((4, 4, 4), np.float32)
     expected[1, 1, 0] = 7.0
     assert np.array_equal(plain.weight, expected) and np.array_equal(mirror.weight, expected[..., ::-1])
+    fraction = np.zeros((1, 4, 4, 4), np.float32)
+    fraction[0, 1, 1, 0] = 0.5
+    assert np.array_equal(plain.cond, fraction) and np.array_equal(mirror.cond, fraction[..., ::-1])
 
 
 def test_bad_latent_settings_one_line_and_nothing_written(phantom_dir, tmp_path, capsys):

@@ -134,3 +134,31 @@ def test_lesion_row_reuses_the_long_autoencoder(tiny: Context):
     longer = study._fit_latent_lesion_long(tiny, tiny.out / "diffusion-latent-lesion-long")
     assert longer["steps"] == 4 * study.LONG_UNET and longer["autoencoder"] == long["autoencoder"]
     assert longer["wall_time_s"] - info["wall_time_s"] > 0        # the first 4 steps' time is carried over
+
+
+def test_lesion_map_row_starts_from_the_long_lesion_unet(tiny: Context):
+    """diffusion-latent-lesion-map needs the long autoencoder and the long lesion UNet (one line,
+    nothing trained, without them); its UNet starts from that UNet with the map channel's weights
+    at zero, over the long autoencoder continued with the lesion weight; its lesion samples draw
+    the training subjects' maps."""
+    from DiffusionMICLib.models import load_model, read_card
+    tiny = replace(tiny, out=tiny.out / "map-row", budget=replace(tiny.budget, steps=4))
+    with pytest.raises(DiffusionMICError, match="run those rows first"):
+        study._fit_latent_lesion_map(tiny, tiny.out / "diffusion-latent-lesion-map")
+    assert not (tiny.out / "diffusion-latent-lesion-map" / "model" / "model.json").exists()
+    long = study._fit_latent_long(tiny, tiny.out / "diffusion-latent-long")
+    study._fit_latent_lesion(tiny, tiny.out / "diffusion-latent-lesion")
+    study._fit_latent_lesion_long(tiny, tiny.out / "diffusion-latent-lesion-long")
+    info = study._fit_latent_lesion_map(tiny, tiny.out / "diffusion-latent-lesion-map")
+    assert info["steps"] == 4 and info["autoencoder"]["steps"] == long["autoencoder"]["steps"] + 2
+    card = read_card(tiny.out / "diffusion-latent-lesion-map" / "model")
+    start = read_card(tiny.out / "diffusion-latent-lesion-long" / "model")
+    assert card.training["init"] == {"model": start.name, "sha256": start.sha256}
+    assert card.network["in_channels"] == start.network["in_channels"] + 1 and card.training["lesion_weight"] == 30
+    assert card.training["lesion_maps"] and all(m["index"] for m in card.training["lesion_maps"])
+    _, net = load_model(tiny.out / "diffusion-latent-lesion-map" / "model")
+    _, old = load_model(tiny.out / "diffusion-latent-lesion-long" / "model")
+    ae = [n.autoencoder.state_dict() for n in (net, old)]
+    assert any(not torch.equal(v, ae[1][k]) for k, v in ae[0].items())     # the autoencoder was trained on
+    evaluation = study._eval_latent(tiny, tiny.out / "diffusion-latent-lesion-map")
+    assert evaluation.tables["phantom: FLAIR"]["bright_tail_gap"] is not None
