@@ -163,14 +163,22 @@ class DiffusionMICLogic(ScriptedLoadableModuleLogic):
         sceneInputs = inputNodes       # where results are placed; inputNodes: what the backend reads
         if task == "generate":      # a model trained from label maps takes one (card inputs: ["labels"])
             fromLabels = "labels" in ((card or {}).get("inputs") or [])
+            lesionMap = bool(((card or {}).get("training") or {}).get("lesion_map"))   # an optional lesion mask
+            inputNodes = [n for n in inputNodes if n is not None] if lesionMap else inputNodes
             if fromLabels and (len(inputNodes) != 1 or inputNodes[0] is None):
                 raise ValueError("this model generates images from a label map: give one label map volume "
                                  "or segmentation")
-            if not fromLabels and inputNodes:
+            if lesionMap and (len(inputNodes) > 1 or (inputNodes and condition != "lesion")):
+                raise ValueError("this model takes one lesion mask (a label map or segmentation), with the "
+                                 "condition 'lesion'")
+            if not fromLabels and not lesionMap and inputNodes:
                 raise ValueError("generate takes no input volume (this model draws on its own grid)")
-            if fromLabels and inputNodes[0].IsA("vtkMRMLSegmentationNode"):
+            if inputNodes and inputNodes[0].IsA("vtkMRMLSegmentationNode"):
+                segmentation = inputNodes[0].GetSegmentation()
+                labels = ((card or {}).get("labels") or {}) if fromLabels else {    # a lesion mask: every segment
+                    segmentation.GetNthSegment(i).GetName(): 1 for i in range(segmentation.GetNumberOfSegments())}
                 try:     # segments named as the card's labels -> its label values, outside the scene
-                    labelNode = mrml.labelVolumeFromSegmentation(inputNodes[0], (card or {}).get("labels") or {})
+                    labelNode = mrml.labelVolumeFromSegmentation(inputNodes[0], labels)
                 except mrml.SceneError as e:
                     raise ValueError(str(e)) from None
                 labelNode.SetAndObserveTransformNodeID(inputNodes[0].GetTransformNodeID())
@@ -239,7 +247,10 @@ class DiffusionMICLogic(ScriptedLoadableModuleLogic):
         """New volume(s) sampled from `model` (its card gives the grid), or, with a model trained
         from label maps, images matching `labelNode` on its grid: a label map volume, or a
         Segmentation node whose segments are named as the model's labels (CSF, GM, WM, lesion),
-        drawn on its reference geometry. Returns a list of nodes."""
+        drawn on its reference geometry. A model with a lesion map (card training "lesion_map")
+        takes an optional lesion mask as `labelNode` with condition="lesion" (a label map, or a
+        Segmentation whose every segment is lesion); its volume is the lesion load. Returns a list
+        of nodes."""
         inputs = [labelNode] if labelNode is not None else []
         result = self.run("generate", inputs, model, outputNode, count=count, condition=condition, **options)
         return [node for key, node in result.nodes.items()]

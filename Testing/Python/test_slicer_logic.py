@@ -156,6 +156,7 @@ def models(phantom, tmp_path_factory):
              "generate": {"grid": {"size": [16, 16, 8], "spacing": [4.0, 4.0, 4.0], "origin": [30.0, 30.0, -10.0],
                                    "direction": [-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0]}},
              "generate-labels": {"task": {"from_labels": True, "channels": ["T1", "FLAIR"]}}}
+    extra["generate-lesions"] = {**extra["generate"], "task": {"classes": "lesion", "lesion_map": True}}
     for task, settings in extra.items():
         card = TASKS[task.split("-")[0]].make_card(dataset, {**json.loads(json.dumps(TINY)), **settings})
         network = build_network(card.network)
@@ -790,6 +791,30 @@ def test_generate_from_a_label_map_on_its_grid(phantom, models):
     for node in nodes:
         assert node.GetImageData().GetDimensions() == labels.GetImageData().GetDimensions()
         np.testing.assert_allclose(mrml.ijkToRAS(node), mrml.ijkToRAS(labels), atol=1e-6)
+
+
+def test_generate_with_a_drawn_lesion_mask(models):
+    """A lesion-map model takes a Segmentation drawn in Slicer (any segment name) as its lesion
+    mask with the condition 'lesion'; with another condition it is one line and makes no node."""
+    from DiffusionMICLib.volume import Geometry
+    card = module.DiffusionMICLogic.modelCard(models["generate-lesions"])
+    grid = Geometry.from_dict(card["grid"])
+    drawn = np.zeros(grid.size[::-1], np.uint8)
+    drawn[3:6, 6:10, 6:10] = 1
+    source = add_volume(drawn, "lesions", matrix=grid.ras_affine(), className="vtkMRMLLabelMapVolumeNode")
+    seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn lesions")
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(source)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(source, seg)
+    seg.GetSegmentation().GetNthSegment(0).SetName("Segment_1")
+    logic = module.DiffusionMICLogic()
+    count = node_count()
+    with pytest.raises(ValueError, match="with the condition 'lesion'"):
+        logic.generate(models["generate-lesions"], labelNode=seg, condition="healthy", steps=1)
+    assert node_count() == count
+    nodes = logic.generate(models["generate-lesions"], labelNode=seg, condition="lesion", steps=1)
+    assert len(nodes) == 1 and nodes[0].GetImageData().GetDimensions() == tuple(grid.size)
+    load = logic.lastResult.info["lesion_load_ml"][0]
+    assert abs(load - drawn.sum() * np.prod(grid.spacing) / 1000) < 0.3 * load
 
 
 def test_generate_from_a_segmentation_by_segment_names(phantom, models):
