@@ -28,7 +28,8 @@ class Panel:
 
 
 PANELS: tuple[Panel, ...] = (
-    # generate: no input, or the label map of a model trained from label maps (card inputs ["labels"])
+    # generate: no input, or the label map of a model trained from label maps (card inputs ["labels"]),
+    # or an optional lesion mask for a model with a lesion map (card training "lesion_map")
     Panel("generate", "Generate", unnamedInput=False, extraOptions=("count", "condition"), feedsCompare=False),
     Panel("translate", "Modality conversion"),
     Panel("segment", "Segment", outputClass="vtkMRMLSegmentationNode"),
@@ -37,6 +38,7 @@ PANELS: tuple[Panel, ...] = (
 )
 TASKS: tuple[str, ...] = tuple(p.task for p in PANELS)
 LABELS = "labels"      # the card's input name for a label map (DiffusionMICLib.models.LABEL_INPUT)
+LESIONS = "lesions"    # the optional lesion mask of a lesion-map generator
 
 
 def panel(task: str) -> Panel:
@@ -52,19 +54,25 @@ class InputSlot:
 
     index: int
     contrast: str          # the card's input name ("T1", "FLAIR", ...); "" if the card names none
+    optional: bool = False
 
     @property
     def isLabelMap(self) -> bool:
-        return self.contrast == LABELS
+        return self.contrast in (LABELS, LESIONS)
 
     @property
     def label(self) -> str:
+        if self.contrast == LESIONS:
+            return "Lesion mask (optional):"
         if self.isLabelMap:
             return "Label map:"
         return f"Input ({self.contrast}):" if self.contrast else "Input volume:"
 
     @property
     def toolTip(self) -> str:
+        if self.contrast == LESIONS:
+            return ("Where to draw lesions (condition 'lesion'): a label map or a segmentation, every segment a "
+                    "lesion; none: the model draws one of its training subjects' lesion maps")
         if self.isLabelMap:
             return ("The label map to draw images for (the labels the model was trained with), or a segmentation "
                     "whose segments are named as those labels")
@@ -90,6 +98,8 @@ def inputSlots(p: Panel, card: dict[str, Any] | None) -> tuple[InputSlot, ...]:
     if not p.takesInputs:
         return ()
     names = [str(n) for n in (card or {}).get("inputs") or []]
+    if ((card or {}).get("training") or {}).get("lesion_map"):
+        return (InputSlot(0, LESIONS, optional=True),)
     if not names:
         return (InputSlot(0, ""),) if p.unnamedInput else ()
     return tuple(InputSlot(i, name) for i, name in enumerate(names))
@@ -114,13 +124,15 @@ def matchInputs(slots: Iterable[InputSlot], volumes: list[tuple[str, Any]], curr
                 labelMaps: list[tuple[str, Any]] = ()) -> list:
     """A volume for each slot: the current choice if there is one, else the volume whose name
     ends with the slot's contrast ("... T1"), else one whose name holds it as a word; unnamed
-    slots take the first volume, a label-map slot the first label map. `volumes` and
+    slots take the first volume, a label-map slot the first label map, an optional slot none. `volumes` and
     `labelMaps` are [(name, node)] in scene order."""
     current = list(current or [])
     chosen = []
     for slot in slots:
         node = current[slot.index] if slot.index < len(current) else None
-        if node is None and slot.isLabelMap:
+        if node is None and slot.optional:
+            pass                                # chosen by the user only
+        elif node is None and slot.isLabelMap:
             node = labelMaps[0][1] if labelMaps else None
         elif node is None and slot.contrast:
             wanted = slot.contrast.lower()
@@ -153,6 +165,7 @@ def canApply(p: Panel, model: str, inputs: list, slots: tuple[InputSlot, ...]) -
     """Whether Apply can run with `inputs` for the model's `slots`, and the button's tooltip saying why not."""
     if not model:
         return False, "Choose a model"
-    if len(inputs) < len(slots) or not all(inputs[:len(slots)]):
+    required = [i for i, slot in enumerate(slots) if not slot.optional]
+    if any(i >= len(inputs) or inputs[i] is None for i in required):
         return False, "Choose the label map" if any(s.isLabelMap for s in slots) else "Choose the input volume(s)"
     return True, f"Run {p.title}"

@@ -69,6 +69,20 @@ def test_generate_from_labels_takes_one_label_map():
     assert plain == () and panels.carryInputs(fromLabels.slots, ["seg-node"], plain) == []
 
 
+def test_lesion_map_generator_takes_an_optional_lesion_mask():
+    """A lesion-map generator gets one optional label-map selector that is never filled for the
+    user: Apply runs with or without a mask."""
+    card = {**GENERATE_CARD, "training": {"lesion_map": True}}
+    view = panels.describeModel(panels.panel("generate"), "lesion-map-model", card)
+    slot = panels.InputSlot(0, panels.LESIONS, optional=True)
+    assert view.slots == (slot,) and slot.isLabelMap and slot.label == "Lesion mask (optional):"
+    labelMaps = [("seg", "seg-node")]
+    assert panels.matchInputs(view.slots, [("T1", "t1-node")], [], labelMaps) == [None]
+    assert panels.matchInputs(view.slots, [], ["seg-node"], labelMaps) == ["seg-node"]
+    for inputs in ([], [None], ["seg-node"]):
+        assert panels.canApply(panels.panel("generate"), "lesion-map-model", inputs, view.slots) == (True, "Run Generate")
+
+
 def test_another_model_keeps_the_volumes_of_the_same_contrast():
     segment = panels.inputSlots(panels.panel("segment"), SEGMENT_CARD)
     flairOnly = panels.inputSlots(panels.panel("anomaly"), {"inputs": ["FLAIR"]})
