@@ -74,7 +74,8 @@ def generate(model: str | Path, *, count: int = 1, condition: str | None = None,
              progress=None, cancel=None, **options: Any) -> RunResult:
     """Sample `count` new volumes: `generate(model, count=2, condition="lesion", guidance=3.0, seed=0)`
     (the grid comes from the model card), or, with a model trained from label maps, images that
-    match a label map on its grid: `generate(model, labels=label_volume)`. Outputs are "output",
+    match a label map on its grid: `generate(model, labels=label_volume)`; a model with a lesion
+    map takes a lesion mask the same way, with condition="lesion". Outputs are "output",
     "2", ... (see DiffusionMICLib.tasks.generate and .from_labels)."""
     return run("generate", model, [] if labels is None else [labels],
                replace(RunOptions(), count=count, condition=condition, **options), progress=progress, cancel=cancel)
