@@ -15,11 +15,13 @@ StepCallback = Callable[[int, int], None]
 
 def conditioned(network: torch.nn.Module, cond: torch.Tensor | None = None,
                 class_labels: torch.Tensor | None = None, null_class: int | None = None,
-                guidance: float = 1.0) -> Denoiser:
+                guidance: float = 1.0, negative_class: int | None = None) -> Denoiser:
     """Bind channel-concatenated conditioning and class labels (with classifier-free guidance).
 
     With guidance g != 1 the prediction is uncond + g * (cond - uncond), where uncond uses the
-    reserved null class; this is linear, so it is right for both epsilon and v prediction.
+    reserved null class; this is linear, so it is right for both epsilon and v prediction. With
+    `negative_class`, uncond is that class on all-zero conditioning channels instead (a negative
+    condition, as a negative prompt replaces the empty one in Stable Diffusion pipelines).
     """
     def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         inp = x if cond is None else torch.cat([x, cond.to(x.dtype)], dim=1)
@@ -27,9 +29,13 @@ def conditioned(network: torch.nn.Module, cond: torch.Tensor | None = None,
         if class_labels is None:
             return network(inp, tt)
         out = network(inp, tt, class_labels=class_labels)
-        if guidance == 1.0 or null_class is None:
+        if guidance == 1.0 or (null_class is None and negative_class is None):
             return out
-        uncond = network(inp, tt, class_labels=torch.full_like(class_labels, null_class))
+        if negative_class is not None:
+            empty = x if cond is None else torch.cat([x, torch.zeros_like(cond, dtype=x.dtype)], dim=1)
+            uncond = network(empty, tt, class_labels=torch.full_like(class_labels, negative_class))
+        else:
+            uncond = network(inp, tt, class_labels=torch.full_like(class_labels, null_class))
         return uncond + guidance * (out - uncond)
     return predict
 

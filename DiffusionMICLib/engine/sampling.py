@@ -40,12 +40,14 @@ def select_device(name: str = "auto") -> torch.device:
 def sample_volume(card: ModelCard, network: torch.nn.Module, cond: np.ndarray | None, *, sampler: str,
                   steps: int, generator: torch.Generator, device: torch.device, progress: Progress,
                   start: np.ndarray | None = None, strength: float = 1.0, class_label: int | None = None,
-                  guidance: float = 1.0, noise: Noise | None = None, batch_size: int = 16,
+                  guidance: float = 1.0, negative_class: int | None = None, noise: Noise | None = None,
+                  batch_size: int = 16,
                   shape: tuple[int, int, int] | None = None, crop: tuple[slice, ...] | None = None) -> np.ndarray:
     """Sample one (C_out, z, y, x) model-space array for a whole volume.
 
     cond: conditioning channels; start: the image to partially diffuse from (strength < 1);
-    both (C, z, y, x) in [-1, 1]. The progress counts sampler steps across all batches.
+    both (C, z, y, x) in [-1, 1]; negative_class: what guidance contrasts with (see
+    sampler.conditioned). The progress counts sampler steps across all batches.
     """
     out_channels = card.network["out_channels"]
     if cond is not None and card.context:
@@ -64,7 +66,7 @@ def sample_volume(card: ModelCard, network: torch.nn.Module, cond: np.ndarray | 
             c = x[:, :n_cond] if n_cond else None
             s = x[:, n_cond:] if start is not None else None
         labels = None if class_label is None else torch.full((out_shape[0],), class_label, dtype=torch.long, device=device)
-        model = conditioned(network, c, labels, null_class, guidance)
+        model = conditioned(network, c, labels, null_class, guidance, negative_class)
         return sample(model, out_shape, card.noise_schedule, sampler=sampler, steps=steps, generator=generator,
                       start=s, strength=strength if s is not None else 1.0,
                       noise=noise(out_shape, generator) if noise is not None else None,

@@ -133,8 +133,12 @@ LONG_UNET = 3
 # long autoencoder MAP_AE_STEPS x the study's steps with its L1 weighted MAP_WEIGHT + 1 on lesions
 # (measured: 800 steps at weight 10 / 30 kept 0.51 / 0.75 of the bright tail, healthy twins at
 # 0.9 / 0.8 of real healthy, sharpness 0.78 from 0.77); the UNet's loss has the same weight.
+# Its samples use guidance MAP_GUIDANCE against a healthy sample on an empty map (tasks/generate.py),
+# chosen on the validation subjects as the smallest of 1, 1.5, 2 whose lesion samples reach half
+# the real lesion subjects' bright tail (4 samples each: 0.95, 1.77, 3.32 per mille against 5.0).
 MAP_WEIGHT = 30.0
 MAP_AE_STEPS = 0.5
+MAP_GUIDANCE = 2.0
 
 
 def latent_recipe(ctx: Context, unet: dict[str, Any] | None = None, ae_scale: float = 1,
@@ -343,7 +347,8 @@ def _fit_latent_lesion_map(ctx: Context, folder: Path) -> dict[str, Any]:
     mine = folder / "model" / "autoencoder" / "checkpoint"
     if not mine.exists():
         shutil.copytree(long_ae, mine)
-    return _fit_latent(ctx, folder, LATENT_V, ae_scale=LONG_AE + MAP_AE_STEPS,
+    unet = {**LATENT_V, "defaults": {"guidance": MAP_GUIDANCE}}
+    return _fit_latent(ctx, folder, unet, ae_scale=LONG_AE + MAP_AE_STEPS,
                        task={"lesion_weight": MAP_WEIGHT, "lesion_map": True}, init=start)
 
 
@@ -488,7 +493,8 @@ def methods(quick: bool) -> list[Method]:
                "diffusion", _eval_latent, _fit_latent_lesion_map,
                note=f"not budget-matched: started from the row above's UNet; its autoencoder continued "
                     f"{MAP_AE_STEPS:g}x the study's steps with the L1 weighted x{MAP_WEIGHT + 1:g} on lesions; lesion "
-                    "samples draw the training subjects' lesion maps; training: its steps + the UNet's; time: both"),
+                    f"samples draw the training subjects' lesion maps, guidance {MAP_GUIDANCE:g} against healthy; "
+                    "training: its steps + the UNet's; time: both"),
         Method("diffusion-bundled", f"Diffusion, bundled {BUNDLED}", "diffusion", _eval_bundled, note=bundled_note(BUNDLED, ", 4 mm grid")),
         Method("vae", "VAE (MONAI VarAutoEncoder, N(0, I) latents)", "learned", _eval_decoder, _fit_vae),
         Method("gan", "GAN (MONAI Generator + PatchDiscriminator)", "learned", _eval_decoder, _fit_gan),

@@ -38,7 +38,9 @@ Channels and classes ({"task": {...}} in the training settings):
 - "lesion_map": true gives the UNet a lesion map as one more input channel (lesion_maps.py): the
   lesion example gets its lesion label's fraction per voxel, its healthy twin zeros. `run
   --condition lesion` then takes a lesion mask as input (its volume is the lesion load) or draws
-  one of the training subjects' maps, which the card keeps. Needs classes "lesion".
+  one of the training subjects' maps, which the card keeps. `--guidance G` then contrasts a
+  lesion sample with a healthy one on an empty map (a negative condition, not the null class):
+  G > 1 draws its lesions brighter. Needs classes "lesion".
 
 Run (`run generate`, no input; a lesion-map model: an optional lesion mask): `--count N` samples with seeds seed, seed+1, ...; output keys
 "output" (sample 1), "2", "3", ... (sample 2, 3, ...), and for a second, third channel the
@@ -259,6 +261,8 @@ class Generate(Task):
         progress.start("generate", 0)
         outputs: dict[str, Volume] = {}
         given = lesion_maps.from_mask(card, volumes[0], onto_grid) if volumes else None
+        # a lesion-map model guides lesion samples away from a healthy one on an empty map
+        negative = card.classes.index("healthy") if with_map and options.condition == "lesion" else None
         loads = []
         for i in range(options.count):
             generator = torch.Generator().manual_seed(options.seed + i)
@@ -268,8 +272,9 @@ class Generate(Task):
                         if options.condition == "lesion" else np.zeros((1, *card.patch), np.float32))
                 loads.append(lesion_maps.load_ml(card, cond))
             x = sample_volume(card, network, cond, shape=tuple(card.patch), class_label=label,
-                              guidance=options.guidance, sampler=options.sampler, steps=options.steps,
-                              generator=generator, device=device, progress=progress, batch_size=options.batch_size)
+                              guidance=options.guidance, negative_class=negative, sampler=options.sampler,
+                              steps=options.steps, generator=generator, device=device, progress=progress,
+                              batch_size=options.batch_size)
             if card.latent:
                 x = network.decode(torch.from_numpy(x[None]).to(device))[0].float().cpu().numpy()
             for c, channel in enumerate(card.outputs):
