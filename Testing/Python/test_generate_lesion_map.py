@@ -128,3 +128,20 @@ def test_bad_lesion_mask_one_line_nothing_written(models, phantom_dir, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert list(tmp_path.iterdir()) == [mask]
+
+
+def test_guidance_against_a_negative_condition():
+    """With negative_class, guidance contrasts with that class on all-zero conditioning channels:
+    uncond + g (cond - uncond), uncond the negative class's prediction on an empty map."""
+    from DiffusionMICLib.engine.sampler import conditioned
+
+    def network(inp, t, class_labels):      # channel 0: the image, channel 1: the map
+        return inp[:, :1] * 2 + inp[:, 1:] * 10 + class_labels.view(-1, 1, 1) * 100
+    x, lesions = torch.full((1, 1, 2, 2), 1.0), torch.full((1, 1, 2, 2), 0.5)
+    lesion = torch.tensor([1])
+    cond = 2 + 5 + 100
+    plain = conditioned(network, lesions, lesion, null_class=2, guidance=3.0)
+    assert torch.allclose(plain(x, torch.tensor(0)), torch.full_like(x, 2 + 5 + 200 + 3 * (cond - 207)))
+    negative = conditioned(network, lesions, lesion, null_class=2, guidance=3.0, negative_class=0)
+    assert torch.allclose(negative(x, torch.tensor(0)), torch.full_like(x, 2 + 3 * (cond - 2)))
+    assert torch.allclose(conditioned(network, lesions, lesion, 2, 1.0, 0)(x, torch.tensor(0)), torch.full_like(x, cond))
