@@ -25,7 +25,7 @@ from .volume import write_volume
 
 HELDOUT_SEED = 9001
 BUNDLED = {"denoise": "brain-mri-denoise", "translate": "brain-mri-t1t2-to-flair",
-           "segment": "brain-mri-lesion-segment", "anomaly": "brain-mri-anomaly", "generate": "brain-mri-generate",
+           "segment": "brain-mri-lesion-segment", "anomaly": "brain-mri-anomaly", "generate": "brain-mri-generate-2mm",
            "from-labels": "brain-mri-labels-to-mri"}
 
 

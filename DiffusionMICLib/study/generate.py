@@ -139,6 +139,7 @@ LONG_UNET = 3
 MAP_WEIGHT = 30.0
 MAP_AE_STEPS = 0.5
 MAP_GUIDANCE = 2.0
+LESION_MAP_MODEL = "brain-mri-generate-2mm"    # the row's model is bundled under this name
 
 
 def latent_recipe(ctx: Context, unet: dict[str, Any] | None = None, ae_scale: float = 1,
@@ -347,7 +348,10 @@ def _fit_latent_lesion_map(ctx: Context, folder: Path) -> dict[str, Any]:
     mine = folder / "model" / "autoencoder" / "checkpoint"
     if not mine.exists():
         shutil.copytree(long_ae, mine)
-    unet = {**LATENT_V, "defaults": {"guidance": MAP_GUIDANCE}}
+    unet = {**LATENT_V, "defaults": {"guidance": MAP_GUIDANCE}, "name": LESION_MAP_MODEL, "description": (
+        "Whole-brain T1 + FLAIR at 2 mm by latent diffusion (MONAI AutoencoderKL + DiffusionModelUNet, "
+        "v-prediction), healthy or with lesions where a lesion mask, or one of the training subjects' lesion "
+        "maps, puts them; trained on clean phantom subjects.")}
     return _fit_latent(ctx, folder, unet, ae_scale=LONG_AE + MAP_AE_STEPS,
                        task={"lesion_weight": MAP_WEIGHT, "lesion_map": True}, init=start)
 
