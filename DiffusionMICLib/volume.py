@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 if TYPE_CHECKING:   # torch and MONAI load only when a tensor is asked for: reading and writing files
     import torch    # (and the phantom, Slicer's sample data) need neither
@@ -290,6 +291,16 @@ def resample_to(volume: Volume, geometry: Geometry, *, interpolation: str = "lin
                         geometry.origin, geometry.spacing, geometry.direction, float(default),
                         image.GetPixelID())
     return Volume.from_sitk(out)
+
+
+def onto_grid(volume: Volume, grid: Geometry) -> np.ndarray:
+    """Gaussian-prefiltered (sigma = half the downsampling factor, in voxels) linear resampling."""
+    factors = np.asarray(grid.spacing) / np.asarray(volume.spacing)
+    sigma = [max(0.0, (f - 1.0) / 2.0) for f in factors[::-1]]
+    array = volume.array.astype(np.float32)
+    if max(sigma) > 0:
+        array = ndimage.gaussian_filter(array, sigma)
+    return resample_to(volume.with_array(array), grid).array
 
 
 def resample_spacing(volume: Volume, spacing: tuple[float, float, float], *,

@@ -81,13 +81,18 @@ def training_cases(card: ModelCard, dataset: Dataset, cases: list[Case]) -> list
     return out
 
 
-def check_label_map(volume: Volume, card: ModelCard) -> None:
-    """One clear line for an intensity image or labels the model does not know."""
+def check_whole_numbers(volume: Volume, card: ModelCard, takes: str) -> None:
+    """One clear line for an intensity image where the model `takes` labels."""
     a = volume.array
     if not np.issubdtype(a.dtype, np.integer) and not np.array_equal(a, np.rint(a)):
-        raise DiffusionMICError(f"model '{card.name}' generates from a label map (whole-number labels); "
+        raise DiffusionMICError(f"model '{card.name}' {takes} (whole-number labels); "
                                 f"the input holds fractional values: an intensity image?")
-    found = np.unique(a).astype(np.int64)
+
+
+def check_label_map(volume: Volume, card: ModelCard) -> None:
+    """One clear line for an intensity image or labels the model does not know."""
+    check_whole_numbers(volume, card, "generates from a label map")
+    found = np.unique(volume.array).astype(np.int64)
     unknown = sorted(set(found.tolist()) - set(card.labels.values()))
     if unknown:
         shown = ", ".join(str(v) for v in unknown[:8]) + (f", ... ({len(unknown)} in all)" if len(unknown) > 8 else "")

@@ -59,7 +59,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from ..datasets import Case, Dataset
 from ..engine.batches import TrainingCase, whole_crop
@@ -72,7 +71,7 @@ from ..errors import DiffusionMICError
 from ..metrics import generation_metrics
 from ..models import ModelCard
 from ..progress import Progress
-from ..volume import Geometry, Volume, orient, resample_to
+from ..volume import Geometry, Volume, onto_grid, orient, resample_to
 from . import from_labels, lesion_maps
 from .base import RunOptions, RunResult, Task
 
@@ -92,16 +91,6 @@ def output_grid(reference: Volume, spacing: list[float], factor: int) -> Geometr
     corner = np.asarray(g.origin) - direction @ (old / 2) - direction @ ((size * new - extent) / 2)
     origin = corner + direction @ (new / 2)
     return Geometry(tuple(int(s) for s in size), tuple(new.tolist()), tuple(origin.tolist()), g.direction)
-
-
-def onto_grid(volume: Volume, grid: Geometry) -> np.ndarray:
-    """Gaussian-prefiltered (sigma = half the downsampling factor, in voxels) linear resampling."""
-    factors = np.asarray(grid.spacing) / np.asarray(volume.spacing)
-    sigma = [max(0.0, (f - 1.0) / 2.0) for f in factors[::-1]]
-    array = volume.array.astype(np.float32)
-    if max(sigma) > 0:
-        array = ndimage.gaussian_filter(array, sigma)
-    return resample_to(volume.with_array(array), grid).array
 
 
 def sample_key(index: int, channel: int, name: str) -> str:
@@ -192,7 +181,7 @@ class Generate(Task):
         with_map = bool(card.training.get("lesion_map"))
         out = []
         for case in cases:
-            lesions = lesion_maps.case_lesions(dataset, case, grid, onto_grid) if lesion_weight or with_map else None
+            lesions = lesion_maps.case_lesions(dataset, case, grid) if lesion_weight or with_map else None
             weight = (1.0 + lesion_weight * (lesions > 0.1)).astype(np.float32) if lesion_weight else None
             for volumes, label in self._examples(card, dataset, case):
                 arrays = np.stack([to_unit(onto_grid(v, grid), robust_scale(v.array, card.normalisation))
@@ -210,7 +199,7 @@ class Generate(Task):
         if not card.training.get("lesion_map"):
             return
         grid = Geometry.from_dict(card.grid)
-        maps = [lesion_maps.case_lesions(dataset, case, grid, onto_grid) for case in cases]
+        maps = [lesion_maps.case_lesions(dataset, case, grid) for case in cases]
         card.training["lesion_maps"] = lesion_maps.keep([lesion_maps.unet_grid(card, m) for m in maps if m.max() > 0.1])
 
     def augment(self, card: ModelCard):
@@ -260,7 +249,7 @@ class Generate(Task):
             raise DiffusionMICError(f"model '{card.name}' is unconditional: it takes no --condition")
         progress.start("generate", 0)
         outputs: dict[str, Volume] = {}
-        given = lesion_maps.from_mask(card, volumes[0], onto_grid) if volumes else None
+        given = lesion_maps.from_mask(card, volumes[0]) if volumes else None
         # a lesion-map model guides lesion samples away from a healthy one on an empty map
         negative = card.classes.index("healthy") if with_map and options.condition == "lesion" else None
         loads = []

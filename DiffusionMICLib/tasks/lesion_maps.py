@@ -10,8 +10,6 @@ per seed and mirrored left-right half the time.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
@@ -19,20 +17,21 @@ from ..datasets import Case, Dataset
 from ..engine.latent import autoencoder_factor, latent_grid
 from ..errors import DiffusionMICError
 from ..models import ModelCard
-from ..volume import Geometry, Volume
+from ..volume import Geometry, Volume, onto_grid
+from .from_labels import check_whole_numbers
 
 
-def on_grid(mask: Volume, grid: Geometry, onto: Any) -> np.ndarray:
-    """A 0/1 lesion mask resampled as the images are (`onto`: the task's resampling): lesion fractions."""
-    return np.clip(onto(mask.with_array(mask.array.astype(np.float32)), grid), 0.0, 1.0).astype(np.float32)
+def on_grid(mask: Volume, grid: Geometry) -> np.ndarray:
+    """A 0/1 lesion mask resampled as the images are: lesion fractions."""
+    return np.clip(onto_grid(mask.with_array(mask.array.astype(np.float32)), grid), 0.0, 1.0).astype(np.float32)
 
 
-def case_lesions(dataset: Dataset, case: Case, grid: Geometry, onto: Any) -> np.ndarray:
+def case_lesions(dataset: Dataset, case: Case, grid: Geometry) -> np.ndarray:
     """The case's lesion label on `grid` (zeros for a case without labels)."""
     if case.label is None:
         return np.zeros(grid.size[::-1], np.float32)
     labels = case.read_label()
-    return on_grid(labels.with_array(labels.array == dataset.labels["lesion"]), grid, onto)
+    return on_grid(labels.with_array(labels.array == dataset.labels["lesion"]), grid)
 
 
 def unet_grid(card: ModelCard, fractions: np.ndarray) -> np.ndarray:
@@ -65,13 +64,11 @@ def drawn(card: ModelCard, seed: int) -> np.ndarray:
     return out[..., ::-1].copy() if rng.random() < 0.5 else out
 
 
-def from_mask(card: ModelCard, volume: Volume, onto: Any) -> np.ndarray:
+def from_mask(card: ModelCard, volume: Volume) -> np.ndarray:
     """The user's lesion mask (non-zero = lesion; or a label map holding the training data's lesion
     label) as the UNet's condition; one clear line for an intensity image or an empty mask."""
+    check_whole_numbers(volume, card, "takes a lesion mask")
     a = volume.array
-    if not np.issubdtype(a.dtype, np.integer) and not np.array_equal(a, np.rint(a)):
-        raise DiffusionMICError(f"model '{card.name}' takes a lesion mask (whole-number labels); "
-                                f"the input holds fractional values: an intensity image?")
     value = card.training.get("lesion_label")
     found = set(np.unique(a).tolist()) - {0}
     if len(found) > 1:
@@ -85,7 +82,7 @@ def from_mask(card: ModelCard, volume: Volume, onto: Any) -> np.ndarray:
         raise DiffusionMICError("the lesion mask is empty: it marks no lesion (draw a healthy sample with "
                                 "--condition healthy)")
     grid = Geometry.from_dict(card.grid)
-    cond = unet_grid(card, on_grid(volume.with_array(lesion), grid, onto))
+    cond = unet_grid(card, on_grid(volume.with_array(lesion), grid))
     if not cond.any():
         raise DiffusionMICError("the lesion mask lies outside the model's output grid")
     return cond
