@@ -4,17 +4,28 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
+# The real nnU-Net for the segmentation study. nnunetv2 and dynamic-network-architectures go in
+# without their requirements (which add timm, and timm a torchvision that fails to import beside
+# the CPU torch; nnU-Net's plain UNet never imports timm); the rest of nnunetv2's requirements:
+NNUNET := nnunetv2==2.8.1 dynamic-network-architectures==0.4.4
+NNUNET_REQUIRES := "acvl-utils>=0.2.6,<0.3" "batchgeneratorsv2>=0.3.2" "batchgenerators>=0.25.1" \
+	"blosc2>=3.3.2" yacs seaborn imagecodecs graphviz
 
-.PHONY: demo test test-slow benchmark models venv clean
+.PHONY: demo test test-slow benchmark models venv nnunet clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[test,study]" "$(TORCH)"
+	$(MAKE) nnunet
 	touch $@
 
 venv: $(VENV)/.installed
+
+nnunet:
+	$(PY) -m pip install -q --no-deps $(NNUNET)
+	$(PY) -m pip install -q $(NNUNET_REQUIRES) "$(TORCH)"
 
 demo: venv
 	$(VENV)/bin/diffusion-mic demo --out demo-out

@@ -109,7 +109,7 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
         options = RunOptions(sampler=args.sampler, steps=args.steps, seed=args.seed, device=args.device,
                              strength=args.strength, ensemble=args.ensemble, guidance=args.guidance,
                              count=args.count, condition=args.condition, batch_size=args.batch_size,
-                             sigma=args.sigma)
+                             sigma=args.sigma, lesion_load=args.lesion_load)
         if args.adapt:
             result = _run_adapted(args, volumes, options)
         else:
@@ -308,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--guidance", type=float, help="generate: classifier-free guidance scale (default: the card's)")
     sp.add_argument("--count", type=int, default=1, help="generate: number of volumes")
     sp.add_argument("--condition", help="generate: class to draw (default: unconditional)")
+    sp.add_argument("--lesion-load", type=float, metavar="ML",
+                    help="generate, --condition lesion with a lesion-map model: the lesion load in mL, composed of "
+                         "the model's training lesions (default: one training subject's lesions)")
     sp.add_argument("--batch-size", type=int, default=16, help="slices per batch (2D models)")
     sp.add_argument("--sigma", type=float,
                     help="denoise, models conditioned on the noise level: the input's noise standard deviation in "

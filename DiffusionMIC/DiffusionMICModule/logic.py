@@ -140,13 +140,16 @@ class DiffusionMICLogic(ScriptedLoadableModuleLogic):
 
     def start(self, task, inputNodes, model, outputNode=None, *, sampler=None, steps=None, seed=None,
               strength=None, ensemble=None, guidance=None, count=None, condition=None, device=None, adapt=None,
-              sigma=None, show=True, onProgress=None, onFinished=None, onError=None) -> DiffusionMICJob:
+              sigma=None, lesionLoad=None, show=True, onProgress=None, onFinished=None,
+              onError=None) -> DiffusionMICJob:
         """Start `diffusion-mic run TASK` on the input nodes in the background; returns the job.
 
         None options take the model card's defaults. `adapt` (denoise): self-supervised steps that
         first fit a temporary copy of the model to the input (`run --adapt`); 0 or None: none.
         `sigma` (denoise): the input's noise standard deviation for a model told the noise level
-        (`run --sigma`; None: estimated). The inputs are written to a temporary folder (removed
+        (`run --sigma`; None: estimated). `lesionLoad` (generate, a lesion-map model, condition
+        "lesion", no lesion mask): mL of lesion composed of the model's training lesions (`run
+        --lesion-load`; 0 or None: one training subject's lesions). The inputs are written to a temporary folder (removed
         afterwards); the results are brought into the scene when the job is polled after the
         backend has finished.
         """
@@ -206,6 +209,10 @@ class DiffusionMICLogic(ScriptedLoadableModuleLogic):
             if task != "denoise":
                 raise ValueError("only denoise adapts to the scan (adapt)")
             options["adapt"] = int(adapt)
+        if lesionLoad:
+            if task != "generate" or not lesionMap:
+                raise ValueError("only a generator with a lesion map takes a lesion load (lesionLoad)")
+            options["lesion-load"] = float(lesionLoad)
         if sigma is not None:
             if task != "denoise":
                 raise ValueError("only denoise takes the input's noise level (sigma)")

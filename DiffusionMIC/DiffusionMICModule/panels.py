@@ -30,7 +30,8 @@ class Panel:
 PANELS: tuple[Panel, ...] = (
     # generate: no input, or the label map of a model trained from label maps (card inputs ["labels"]),
     # or an optional lesion mask for a model with a lesion map (card training "lesion_map")
-    Panel("generate", "Generate", unnamedInput=False, extraOptions=("count", "condition"), feedsCompare=False),
+    Panel("generate", "Generate", unnamedInput=False, extraOptions=("count", "condition", "lesionLoad"),
+          feedsCompare=False),
     Panel("translate", "Modality conversion"),
     Panel("segment", "Segment", outputClass="vtkMRMLSegmentationNode"),
     Panel("denoise", "Denoise", extraOptions=("adapt",)),
@@ -87,6 +88,7 @@ class ModelView:
 
     slots: tuple[InputSlot, ...]
     conditions: tuple[str, ...] = ()       # class-conditional generators: the classes
+    lesionLoad: bool = False               # a lesion-map generator: takes a lesion load (mL)
     info: str = ""
     toolTip: str = ""
     defaults: dict[str, Any] = field(default_factory=dict)
@@ -112,6 +114,7 @@ def describeModel(p: Panel, model: str, card: dict[str, Any] | None) -> ModelVie
         return ModelView(inputSlots(p, None), info=info, toolTip="No model: add one to the catalog or choose a folder",
                          defaults=catalog.cardDefaults(None))
     return ModelView(inputSlots(p, card), tuple((card or {}).get("classes") or ()),
+                     lesionLoad=bool(((card or {}).get("training") or {}).get("lesion_map")),
                      info=(card or {}).get("description", ""), toolTip=catalog.cardTooltip(card, model),
                      defaults=catalog.cardDefaults(card))
 

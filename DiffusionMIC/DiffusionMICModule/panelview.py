@@ -113,6 +113,9 @@ class PanelView:
                         conditions.addItem(name, name)
                 conditions.currentIndex = max(conditions.findData(getattr(pn, f"{self.task}Condition") or ""), 0)
             conditions.enabled = bool(view.conditions)
+        lesionLoad = self.widget("LesionLoadSpinBox")
+        if lesionLoad is not None:
+            lesionLoad.enabled = view.lesionLoad
         return self._showInputs(pn, view.slots) if self.panel.takesInputs else True
 
     def _buildSelectors(self, slots) -> None:

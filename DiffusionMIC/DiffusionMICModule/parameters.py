@@ -41,6 +41,7 @@ class DiffusionMICParameterNode:
     generateInputs: list[Union[vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, None]]
     generateCount: Annotated[int, WithinRange(1, 16)] = 1
     generateCondition: str = ""
+    generateLesionLoad: Annotated[float, WithinRange(0.0, 500.0)] = 0.0    # mL, lesion-map models; 0: off
     generate: DiffusionMICSampling
     generateOutput: vtkMRMLScalarVolumeNode
 

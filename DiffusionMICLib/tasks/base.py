@@ -31,6 +31,7 @@ class RunOptions:
     condition: str | None = None
     batch_size: int = 16
     sigma: float | None = None      # denoise: the input's noise standard deviation, its units (None: estimated)
+    lesion_load: float | None = None   # generate, a lesion-map model: mL of lesion to compose (None: a training map)
 
     def with_card_defaults(self, card: ModelCard) -> "RunOptions":
         d = card.defaults
@@ -53,7 +54,9 @@ class RunOptions:
                   (self.ensemble is None or self.ensemble >= 1, f"--ensemble must be at least 1, got {self.ensemble}"),
                   (self.count >= 1, f"--count must be at least 1, got {self.count}"),
                   (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
-                  (self.sigma is None or self.sigma > 0, f"--sigma must be above 0, got {self.sigma}")]
+                  (self.sigma is None or self.sigma > 0, f"--sigma must be above 0, got {self.sigma}"),
+                  (self.lesion_load is None or self.lesion_load > 0,
+                   f"--lesion-load must be above 0 mL, got {self.lesion_load}")]
         for ok, message in checks:
             if not ok:
                 raise DiffusionMICError(message)

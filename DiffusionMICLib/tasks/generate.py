@@ -233,6 +233,9 @@ class Generate(Task):
                                     "(a model trained from label maps or lesion maps takes one)")
         if len(volumes) > 1 or (volumes and options.condition != "lesion"):
             raise DiffusionMICError(f"model '{card.name}' takes one input, a lesion mask, with --condition lesion")
+        if options.lesion_load is not None and (not with_map or options.condition != "lesion" or volumes):
+            raise DiffusionMICError(f"--lesion-load needs --condition lesion, no lesion mask, and a model with a "
+                                    f"lesion map ('{card.name}' {'has one' if with_map else 'has none'})")
         if not card.grid:
             raise DiffusionMICError(f"model '{card.name}' has no output grid in its card")
         grid = Geometry.from_dict(card.grid)
@@ -257,8 +260,14 @@ class Generate(Task):
             generator = torch.Generator().manual_seed(options.seed + i)
             cond = None
             if with_map:       # the healthy and the null class: no lesion
-                cond = (given if given is not None else lesion_maps.drawn(card, options.seed + i)
-                        if options.condition == "lesion" else np.zeros((1, *card.patch), np.float32))
+                if given is not None:
+                    cond = given
+                elif options.condition != "lesion":
+                    cond = np.zeros((1, *card.patch), np.float32)
+                elif options.lesion_load is not None:
+                    cond = lesion_maps.composed(card, options.seed + i, options.lesion_load)
+                else:
+                    cond = lesion_maps.drawn(card, options.seed + i)
                 loads.append(lesion_maps.load_ml(card, cond))
             x = sample_volume(card, network, cond, shape=tuple(card.patch), class_label=label,
                               guidance=options.guidance, negative_class=negative, sampler=options.sampler,

@@ -5,8 +5,9 @@ the UNet's grid (a latent model: of each latent voxel), 0 where there is no lesi
 A class added to the time embedding does not draw lesions (measured in the generation study: a
 UNet told "healthy" or "lesion" keeps the same share of a noised lesion), so the map says where
 they are and how large: the lesion load is the map's volume. At run time the map comes from the
-user's lesion mask, or else from the training subjects' maps the card keeps (sparse), one drawn
-per seed and mirrored left-right half the time.
+user's lesion mask, or else from the training subjects' maps the card keeps (sparse): one drawn
+per seed and mirrored left-right half the time, or, for a lesion load asked in mL, composed of
+their lesions.
 """
 from __future__ import annotations
 
@@ -52,16 +53,56 @@ def keep(maps: list[np.ndarray]) -> list[dict[str, list]]:
     return out
 
 
-def drawn(card: ModelCard, seed: int) -> np.ndarray:
-    """One of the card's training maps, chosen and mirrored (half the time) by `seed`."""
+def kept(card: ModelCard) -> list[np.ndarray]:
+    """The card's training maps, dense (1, *card.patch)."""
     maps = card.training.get("lesion_maps") or []
     if not maps:
         raise DiffusionMICError(f"model '{card.name}' keeps no training lesion maps: give a lesion mask as input")
+    out = []
+    for m in maps:
+        dense = np.zeros((1, *card.patch), np.float32)
+        dense.reshape(-1)[np.asarray(m["index"], np.int64)] = m["value"]
+        out.append(dense)
+    return out
+
+
+def drawn(card: ModelCard, seed: int) -> np.ndarray:
+    """One of the card's training maps, chosen and mirrored (half the time) by `seed`."""
+    maps = kept(card)
     rng = np.random.default_rng(seed)
     chosen = maps[int(rng.integers(len(maps)))]
-    out = np.zeros((1, *card.patch), np.float32)
-    out.reshape(-1)[np.asarray(chosen["index"], np.int64)] = chosen["value"]
-    return out[..., ::-1].copy() if rng.random() < 0.5 else out
+    return chosen[..., ::-1].copy() if rng.random() < 0.5 else chosen
+
+
+LOAD_TOLERANCE = 0.25     # a composed map's load is within this fraction of the one asked for
+LOAD_TRIES = 16           # orders of the training lesions tried before giving up
+
+
+def composed(card: ModelCard, seed: int, load: float) -> np.ndarray:
+    """A map of about `load` mL: the training maps' lesions (their connected components, each at the
+    place it had, mirrored left-right half the time) taken in an order drawn by `seed`, each kept
+    if it brings the total nearer the load without passing its tolerance; further orders are tried
+    until one lands within it. One line if none does."""
+    from scipy import ndimage
+    lesions = []
+    for m in kept(card):
+        components, n = ndimage.label(m > 0)
+        lesions += [np.where(components == k, m, 0.0).astype(np.float32) for k in range(1, n + 1)]
+    rng = np.random.default_rng(seed)
+    for _ in range(LOAD_TRIES):
+        out = np.zeros((1, *card.patch), np.float32)
+        for i in rng.permutation(len(lesions)):
+            lesion = lesions[i][..., ::-1] if rng.random() < 0.5 else lesions[i]
+            trial = np.maximum(out, lesion)
+            total = load_ml(card, trial)
+            if total <= load * (1 + LOAD_TOLERANCE) and abs(total - load) < abs(load_ml(card, out) - load):
+                out = trial
+        if abs(load_ml(card, out) - load) <= LOAD_TOLERANCE * load:
+            return np.ascontiguousarray(out)
+    sizes = [load_ml(card, x) for x in lesions]
+    raise DiffusionMICError(f"--lesion-load {load:g} mL cannot be composed within {LOAD_TOLERANCE:.0%} from model "
+                            f"'{card.name}'s training lesions ({min(sizes):.2g} mL the smallest, "
+                            f"{load_ml(card, np.max(lesions, axis=0)):.3g} mL all together)")
 
 
 def from_mask(card: ModelCard, volume: Volume) -> np.ndarray:

@@ -145,3 +145,31 @@ def test_guidance_against_a_negative_condition():
     negative = conditioned(network, lesions, lesion, null_class=2, guidance=3.0, negative_class=0)
     assert torch.allclose(negative(x, torch.tensor(0)), torch.full_like(x, 2 + 3 * (cond - 2)))
     assert torch.allclose(conditioned(network, lesions, lesion, 2, 1.0, 0)(x, torch.tensor(0)), torch.full_like(x, cond))
+
+
+def test_lesion_load_composes_training_lesions(models, tmp_path, capsys):
+    """--lesion-load: a map of about that many mL made of the card's training lesions (each where it
+    was, or mirrored), the same for the same seed; one line for a load they cannot make, or the
+    option where it does not apply."""
+    from DiffusionMICLib.tasks import lesion_maps
+    _, folder = models
+    card = read_card(folder)
+    kept = lesion_maps.kept(card)
+    whole = np.max(kept + [k[..., ::-1] for k in kept], axis=0)
+    ask = max(lesion_maps.load_ml(card, k) for k in kept)      # one training subject's load
+    maps = [lesion_maps.composed(card, seed, ask) for seed in range(3)]
+    for m in maps:
+        assert abs(lesion_maps.load_ml(card, m) - ask) <= lesion_maps.LOAD_TOLERANCE * ask
+        assert np.all(m <= whole + 1e-6)      # only training lesions, at their places or mirrored
+    assert np.array_equal(maps[0], lesion_maps.composed(card, 0, ask))
+    result = dmic.generate(folder, condition="lesion", seed=1, lesion_load=ask)
+    assert result.info["lesion_load_ml"] == [lesion_maps.load_ml(card, maps[1])]
+    out = tmp_path / "out.nii.gz"
+    for extra, message in [(["--condition", "lesion", "--lesion-load", "1e4"], "cannot be composed"),
+                           (["--condition", "healthy", "--lesion-load", str(ask)], "needs --condition lesion"),
+                           (["--condition", "lesion", "--lesion-load", "-1"], "must be above 0")]:
+        assert cli_main(["run", "generate", "--model", str(folder), "--output", str(out), "--progress", "none",
+                         *extra]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not out.exists()

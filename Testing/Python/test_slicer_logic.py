@@ -164,6 +164,11 @@ def models(phantom, tmp_path_factory):
         with torch.no_grad():   # MONAI zero-initialises the output conv: give it non-zero outputs
             for p in network.parameters():
                 p.add_(torch.randn(p.shape, generator=g) * 0.02)
+        if task == "generate-lesions":     # training lesion maps, as training keeps them: two made-up lesions
+            from DiffusionMICLib.tasks import lesion_maps
+            kept = np.zeros((1, *card.patch), np.float32)
+            kept[0, 2:4, 4:7, 4:7], kept[0, 5, 9:11, 9:11] = 1.0, 0.5
+            card.training["lesion_maps"] = lesion_maps.keep([kept])
         save_model(root / task, card, network)
         out[task] = str(root / task)
     return out
@@ -815,6 +820,23 @@ def test_generate_with_a_drawn_lesion_mask(models):
     assert len(nodes) == 1 and nodes[0].GetImageData().GetDimensions() == tuple(grid.size)
     load = logic.lastResult.info["lesion_load_ml"][0]
     assert abs(load - drawn.sum() * np.prod(grid.spacing) / 1000) < 0.3 * load
+
+
+def test_generate_a_lesion_load(models):
+    """lesionLoad (the Generate panel's "Lesion load (mL)") reaches the backend: the drawn map holds
+    about that load; a model without a lesion map refuses it in one line and makes no node."""
+    from DiffusionMICLib.models import read_card
+    from DiffusionMICLib.tasks import lesion_maps
+    card = read_card(models["generate-lesions"])
+    ask = max(lesion_maps.load_ml(card, k) for k in lesion_maps.kept(card))
+    logic = module.DiffusionMICLogic()
+    count = node_count()
+    with pytest.raises(ValueError, match="lesion load"):
+        logic.generate(models["generate"], condition="lesion", lesionLoad=ask, steps=1)
+    assert node_count() == count
+    nodes = logic.generate(models["generate-lesions"], condition="lesion", lesionLoad=ask, steps=1)
+    assert len(nodes) == 1
+    assert abs(logic.lastResult.info["lesion_load_ml"][0] - ask) <= lesion_maps.LOAD_TOLERANCE * ask
 
 
 def test_generate_from_a_segmentation_by_segment_names(phantom, models):

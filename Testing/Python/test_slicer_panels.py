@@ -81,6 +81,12 @@ def test_lesion_map_generator_takes_an_optional_lesion_mask():
     assert panels.matchInputs(view.slots, [], ["seg-node"], labelMaps) == ["seg-node"]
     for inputs in ([], [None], ["seg-node"]):
         assert panels.canApply(panels.panel("generate"), "lesion-map-model", inputs, view.slots) == (True, "Run Generate")
+    # the lesion load box: enabled for this model only; its "off" (0) reaches Logic.start as 0
+    assert view.lesionLoad and not panels.describeModel(panels.panel("generate"), "g", GENERATE_CARD).lesionLoad
+    sampling = dict(catalog.FALLBACK_DEFAULTS)
+    options = panels.runOptions(panels.panel("generate"), sampling,
+                                {"count": 1, "condition": "lesion", "lesionLoad": 12.5}, "cpu")
+    assert options["lesionLoad"] == 12.5 and options["condition"] == "lesion"
 
 
 def test_another_model_keeps_the_volumes_of_the_same_contrast():

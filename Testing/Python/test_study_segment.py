@@ -10,14 +10,18 @@ from study_helpers import slab_dataset, study_context
 from DiffusionMICLib.cli import main as cli_main
 from DiffusionMICLib.errors import DiffusionMICError
 from DiffusionMICLib.study import run_study
+from DiffusionMICLib.study import nnunet
 from DiffusionMICLib.study import segment as seg
+from DiffusionMICLib.volume import Geometry, Volume, read_volume
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-METHODS = ["diffusion", "diffusion-ens5", "diffusion-dice-ce", "diffusion-bundled", "nnunet", "swin-unetr", "segnet", "centroid"]
+HAVE_NNUNET = nnunet.available() is None       # `make venv` installs nnunetv2
+METHODS = ["diffusion", "diffusion-ens5", "diffusion-dice-ce", "diffusion-bundled", *(["nnunetv2"] * HAVE_NNUNET),
+           "nnunet", "swin-unetr", "segnet", "centroid"]
 # Measured mean Dice (floor 0.75): DynUNet 0.84 and SwinUNETR 0.84 after 300 steps, the AutoEncoder 0.76
 # after 300 and 0.83 after 600 (it has no skips: thin CSF comes last).
-LEARNING_STEPS = {"nnunet": 300, "swin-unetr": 300, "segnet": 600}
+LEARNING_STEPS = {"nnunet": 300, "swin-unetr": 300, "segnet": 600, "nnunetv2": 300}
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +57,38 @@ def test_quick_study_writes_every_method(quick):
     text = (quick / "segment.md").read_text(encoding="utf-8")
     assert "nnU-Net stand-in (MONAI DynUNet)" in text and "SegNet stand-in" in text and "**" in text
     assert (quick / "segment.png").stat().st_size > 10_000
+    if HAVE_NNUNET:    # the real nnU-Net trained with the study's budget, predicted the phantom's labels
+        real = doc["methods"]["nnunetv2"]
+        assert (real["training"]["steps"], real["training"]["batch_size"]) == (12, 4)
+        assert set(np.unique(np.load(quick / "segment" / "nnunetv2" / "previews.npz")["labels"])) <= {0, 1, 2, 3, 4}
+
+
+def test_nnunet_raw_layout_has_consecutive_labels(tmp_path):
+    """nnU-Net wants labels 0..K-1: a data set's values are mapped in order, the names kept."""
+    grid = Volume(np.zeros((2, 3, 4), np.float32), Geometry((4, 3, 2), (2.0, 2.0, 2.0), (0, 0, 0), tuple(np.eye(3).ravel())))
+    label = grid.with_array(np.array([0, 2, 5, 5] * 6, np.uint8).reshape(2, 3, 4))
+    nnunet.write_raw(tmp_path, [("c1", [grid, grid.with_array(grid.array + 1)], label)], ["T1", "FLAIR"],
+                     {"background": 0, "tumour": 5, "oedema": 2})
+    root = tmp_path / "raw" / nnunet.DATASET
+    meta = json.loads((root / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "oedema": 1, "tumour": 2} and meta["values"] == [0, 2, 5]
+    assert meta["channel_names"] == {"0": "T1", "1": "FLAIR"} and meta["numTraining"] == 1
+    assert set(np.unique(read_volume(root / "labelsTr" / "c1.nii.gz").array)) == {0, 1, 2}
+    assert read_volume(root / "imagesTr" / "c1_0001.nii.gz").array.max() == 1.0
+    assert nnunet.schedule(1500) == (250, 6) and nnunet.schedule(12) == (12, 1) and nnunet.schedule(600) == (250, 3)
+
+
+def test_nnunet_row_listed_only_where_nnunetv2_runs(monkeypatch):
+    monkeypatch.setattr(nnunet, "available", lambda: "nnunetv2 is not installed (make nnunet)")
+    assert "nnunetv2" not in [m.name for m in seg.methods(True)] and "nnunet" in [m.name for m in seg.methods(True)]
+
+
+@pytest.mark.skipif(not HAVE_NNUNET, reason="nnunetv2 not installed")
+def test_nnunet_failure_is_one_line(tmp_path):
+    """A stage that fails in its child process (here: no raw data set) is one error line naming its log."""
+    with pytest.raises(DiffusionMICError, match=r"nnU-Net train failed \(exit 1; see .*train.log\)") as e:
+        nnunet.run_stage("train", tmp_path, {"steps": 1, "batch_size": 2, "device": "cpu"})
+    assert "\n" not in str(e.value)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +106,9 @@ def floor(tiny, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["nnunet", pytest.param("swin-unetr", marks=pytest.mark.slow),
-                                  pytest.param("segnet", marks=pytest.mark.slow)])   # one segmentation network by default
+                                  pytest.param("segnet", marks=pytest.mark.slow),
+                                  pytest.param("nnunetv2", marks=[pytest.mark.slow, pytest.mark.skipif(
+                                      not HAVE_NNUNET, reason="nnunetv2 not installed")])])   # one segmentation network by default
 def test_baseline_learns_to_beat_the_floor(name, tiny, floor, tmp_path):
     """Trained on one subject's slab, tested on another's, in the study's quick configuration."""
     train, test = tiny
