@@ -5,12 +5,14 @@ classifier for the volume-level view, on held-out phantom subjects with and with
 table per lesion kind of the phantom (hyper, iso, hypo, tumour: `phantom.LESION_KINDS`)."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from .. import api
 from ..datasets import Case, read_dataset
@@ -24,9 +26,10 @@ from ..metrics import detection_metrics
 from ..models import ModelCard, read_card, resolve_model
 from ..progress import Progress
 from ..tasks import get_task
-from ..tasks.anomaly import PHANTOM_LESION, Reconstruct, brain_mask, lesion_reference
-from ..volume import Volume
-from .core import PHANTOM_TEST_SEED, Context, Evaluation, Method, budget_recipe, budget_used, bundled_note
+from ..tasks.anomaly import PHANTOM_LESION, Reconstruct, brain_mask, lesion_reference, top_mean
+from ..volume import Volume, onto_grid
+from .core import (PHANTOM_TEST_SEED, Context, Evaluation, Method, budget_recipe, budget_used, bundled_note,
+                   write_json)
 from .learners import SupervisedTrainer, fit_supervised, load_baseline
 from .segment import cut_slab, largest_slice
 
@@ -70,6 +73,14 @@ NOTES = [
     "FLAIR floors, through the same smoothing and masking: raw (the reconstruction is the background value, "
     "so the map is the smoothed intensity), negated (the volume's maximum minus the intensity: dark lesions) "
     "and |z-score| (the distance from the brain's median intensity: bright or dark).",
+    "Normative rows: a cohort of healthy acquired phantom subjects (seed 9201, --lesions 0; 8 in the full "
+    "study) that nothing trains or is tested on gives, per voxel, the mean and standard deviation of a map "
+    "(each smoothed by 1 voxel; the deviation floored at half its median in the brain), resampled onto each "
+    "case's grid; the map becomes its per-voxel z-score: max(z, 0) for reconstruction residuals (only "
+    "larger than normal), |z| for intensities (the normative floors), averaged over the contrasts of a "
+    "joint row. This needs the subjects in one space (the phantom's subjects are warps of one anatomy on "
+    "one grid; real scans would be registered to an atlas first, as normative modelling does). The "
+    "diffusion rows reuse the diffusion-gaussian and diffusion-joint models.",
     "ResNet: MONAI ResNet-10 (2D) trained to tell 64 x 64 crops of the training subjects' acquired FLAIR "
     "that hold a lesion voxel from those that do not (half the crops centred on lesions, binary "
     "cross-entropy, left-right flips); a slice's probability is the largest of its 64 x 64 tiles' "
@@ -101,6 +112,11 @@ KL_WEIGHT = 1e-3
 # Measured (quick ResNet, batch 8, 3 training subjects): held-out slice AUROC 0.74 after 300 steps at
 # lr 1e-3, 0.85 at 3e-3.
 RESNET_LR = 3e-3
+# Normative rows: a healthy cohort (--lesions 0, a seed no other part uses) gives each voxel's normal map
+# value and spread; full, quick.
+NORMATIVE_SEED = 9201
+NORMATIVE_SUBJECTS = (8, 2)
+SCORE_TOP = 0.001           # a normative map's volume score: the mean of its top 0.1 %, as the task's score
 
 
 def _card(ctx: Context) -> ModelCard:
@@ -357,7 +373,7 @@ def _map_detector(card: ModelCard, reconstruct: Reconstruct) -> Detector:
     task = get_task(TASK)
 
     def detect(channels: dict[str, Volume]) -> tuple[Volume, float]:
-        result = task.detect(card, [channels["FLAIR"]], reconstruct, Progress())
+        result = task.detect(card, [channels[ch] for ch in card.inputs], reconstruct, Progress())
         return result.outputs["output"], float(result.info["score"])
     return detect
 
@@ -386,6 +402,75 @@ def _floor(variant: str) -> Reconstruct:
 def _eval_floor(variant: str):
     def evaluate(ctx: Context, folder: Path) -> Evaluation:
         return _evaluate(ctx, _map_detector(_card(ctx), _floor(variant)))
+    return evaluate
+
+
+# ---- normative maps: each voxel's value against healthy subjects' at the same place ------------------
+
+def normative_cohort(ctx: Context) -> list[dict[str, Volume]]:
+    """Healthy acquired subjects that nothing trains or is tested on (whole volumes, also in quick studies)."""
+    if "normative" not in ctx.cache:
+        n = NORMATIVE_SUBJECTS[ctx.quick]
+        ctx.cache["normative"] = [{ch: c.read(ch) for ch in JOINT}
+                                  for c in _phantom(ctx, "normative-healthy", NORMATIVE_SEED, n, 0)]
+    return ctx.cache["normative"]
+
+
+def voxel_statistics(maps: list[Volume]) -> tuple[Volume, Volume]:
+    """Per voxel: the mean and standard deviation of maps on one grid, each smoothed by 1 voxel; the
+    deviation floored at half its median over the voxels where any map is non-zero (a few subjects
+    make some voxels' spread near zero)."""
+    stack = np.stack([m.array.astype(np.float64) for m in maps])
+    mean = ndimage.gaussian_filter(stack.mean(0), 1.0)
+    sd = ndimage.gaussian_filter(stack.std(0, ddof=1), 1.0)
+    inside = (stack != 0).any(0)
+    sd = np.maximum(sd, 0.5 * float(np.median(sd[inside])) if inside.any() else 1e-6)
+    return maps[0].with_array(mean.astype(np.float32)), maps[0].with_array(sd.astype(np.float32))
+
+
+def normative(ctx: Context, detectors: list[Detector], two_sided: bool) -> Detector:
+    """Maps z-scored per voxel against the normative cohort's maps at the same place (resampled onto
+    each case's grid), averaged over `detectors` (e.g. one per contrast); two_sided: |z| (intensities:
+    bright or dark), else max(z, 0) (residuals: only larger than normal). Zero where the maps are."""
+    stats = [voxel_statistics([d(c)[0] for c in normative_cohort(ctx)]) for d in detectors]
+
+    def detect(channels: dict[str, Volume]) -> tuple[Volume, float]:
+        maps = [d(channels)[0] for d in detectors]
+        zs = []
+        for m, (mean, sd) in zip(maps, stats):
+            z = (m.array - onto_grid(mean, m.geometry)) / onto_grid(sd, m.geometry)
+            zs.append(np.abs(z) if two_sided else np.clip(z, 0.0, None))
+        inside = np.any([m.array != 0 for m in maps], axis=0)
+        z = np.where(inside, np.mean(zs, axis=0), 0.0).astype(np.float32)
+        return maps[0].with_array(z), top_mean(z[inside], SCORE_TOP)
+    return detect
+
+
+NOT_NORMATIVE = Evaluation({}, extra={"skipped": "normative rows need healthy subjects in the test subjects' "
+                                                  "space: phantom studies only"})
+
+
+def _eval_normative_diffusion(method: str, task: dict[str, Any] | None):
+    """Another diffusion row's model (trained there first if that row has not run), its maps normative."""
+    def evaluate(ctx: Context, folder: Path) -> Evaluation:
+        if ctx.data.source.get("kind") != "phantom":
+            return NOT_NORMATIVE
+        shared = ctx.out / method
+        if not (shared / "trained.json").is_file():
+            write_json(shared / "trained.json", _fit_diffusion(task)(ctx, shared))
+        evaluation = _evaluate(ctx, normative(ctx, [_model_detector(ctx, shared / "model")], False))
+        evaluation.extra["training"] = json.loads((shared / "trained.json").read_text(encoding="utf-8"))
+        return evaluation
+    return evaluate
+
+
+def _eval_normative_intensity(channels: list[str]):
+    def evaluate(ctx: Context, folder: Path) -> Evaluation:
+        if ctx.data.source.get("kind") != "phantom":
+            return NOT_NORMATIVE
+        cards = [get_task(TASK).make_card(ctx.data.train, budget_recipe(ctx, RECIPE, QUICK_NETWORK, channels=[ch]))
+                 for ch in channels]
+        return _evaluate(ctx, normative(ctx, [_map_detector(card, _floor("raw")) for card in cards], True))
     return evaluate
 
 
@@ -474,7 +559,17 @@ def methods(quick: bool) -> list[Method]:
                _fit_reconstruction("var-autoencoder", quick)),
         Method("resnet", "Supervised ResNet-10 (MONAI ResNet), slices scored by 64 x 64 tiles", "learned", _eval_resnet,
                _fit_resnet(quick), note="volume level only"),
+        Method("diffusion-gaussian-normative", "Diffusion, Gaussian noise, residual z-scored per voxel against "
+               f"{NORMATIVE_SUBJECTS[quick]} healthy subjects (normative)", "diffusion",
+               _eval_normative_diffusion("diffusion-gaussian", GAUSSIAN), note="the diffusion-gaussian row's model"),
+        Method("diffusion-joint-normative", f"Diffusion, {', '.join(JOINT)} jointly, residual z-scored per voxel "
+               f"against {NORMATIVE_SUBJECTS[quick]} healthy subjects (normative)", "diffusion",
+               _eval_normative_diffusion("diffusion-joint", {"channels": JOINT}), note="the diffusion-joint row's model"),
         Method("flair", "FLAIR intensity as the map", "floor", _eval_floor("raw")),
         Method("flair-negated", "FLAIR intensity negated", "floor", _eval_floor("negated")),
         Method("flair-zscore", "FLAIR |z-score| in the brain", "floor", _eval_floor("zscore")),
+        Method("flair-normative", f"FLAIR |z| per voxel against {NORMATIVE_SUBJECTS[quick]} healthy subjects "
+               "(normative floor)", "floor", _eval_normative_intensity(["FLAIR"])),
+        Method("joint-normative", f"{', '.join(JOINT)} |z| per voxel against {NORMATIVE_SUBJECTS[quick]} healthy "
+               "subjects, averaged (normative floor)", "floor", _eval_normative_intensity(JOINT)),
     ]

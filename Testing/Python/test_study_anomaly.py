@@ -21,7 +21,8 @@ from DiffusionMICLib.study.learners import load_baseline
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 METHODS = ["diffusion-simplex", "diffusion-gaussian", "diffusion-joint", "diffusion-masked", "diffusion-bundled", "ae",
-           "vae", "resnet", "flair", "flair-negated", "flair-zscore"]
+           "vae", "resnet", "diffusion-gaussian-normative", "diffusion-joint-normative", "flair", "flair-negated",
+           "flair-zscore", "flair-normative", "joint-normative"]
 TABLES = ["phantom, hyper lesions", "phantom, iso lesions", "phantom, hypo lesions", "phantom, tumour"]
 
 
@@ -57,6 +58,11 @@ def test_quick_study_writes_every_method(quick):
     assert floors["flair-negated"]["phantom, hypo lesions"]["voxel_auroc"] > \
         floors["flair"]["phantom, hypo lesions"]["voxel_auroc"]               # which negation sees better
     assert doc["methods"]["flair"]["training"] is None
+    # the normative rows reuse their diffusion rows' models, trained once
+    assert doc["methods"]["diffusion-gaussian-normative"]["training"] == doc["methods"]["diffusion-gaussian"]["training"]
+    assert not (quick / "anomaly" / "diffusion-gaussian-normative" / "model").exists()
+    assert doc["data"]["normative-healthy"] == {"seed": an.NORMATIVE_SEED, "subjects": 2, "lesions": 0,
+                                                "lesion_kind": "hyper"}
     text = (quick / "anomaly.md").read_text(encoding="utf-8")
     assert "Top-1 error (volume)" in text and "Top-5" in text and "AUROC (voxel)" in text
     assert (quick / "anomaly.png").stat().st_size > 10_000
@@ -113,6 +119,27 @@ def test_resnet_learns_to_find_lesion_slices(phantom_dir, heldout_dir, tmp_path)
         p = an.slice_probabilities(net, card, case.read("FLAIR"), ctx.device)
         auroc[steps] = float(compute_roc_auc(torch.from_numpy(p), torch.from_numpy(has.astype(np.int64))))
     assert auroc[300] > 0.75 and auroc[300] > auroc[0] + 0.1, auroc     # measured: 0.85 against 0.53
+
+
+def test_normative_maps_are_voxelwise_z_scores(tmp_path, phantom_dir):
+    """Constructed: a cohort whose map is 1 +- 0.1 everywhere (sd 0.1155 with 4 subjects); a case
+    whose map is 3 sd above normal at one voxel and 3 sd below at another. Residual maps (one-sided)
+    see only the first; intensities (two-sided) both; zero stays zero; the score is the top mean."""
+    from DiffusionMICLib.volume import Geometry, Volume
+    grid = Geometry((4, 4, 2), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    cohort = [Volume(np.full((2, 4, 4), v, np.float32), grid) for v in (0.9, 1.1, 0.9, 1.1)]
+    mean, sd = an.voxel_statistics(cohort)
+    assert np.allclose(mean.array, 1.0) and np.allclose(sd.array, np.std([0.9, 1.1, 0.9, 1.1], ddof=1), atol=1e-6)
+    case = np.ones((2, 4, 4), np.float32)
+    case[0, 1, 1], case[1, 2, 2], case[1, 0, 0] = 1 + 3 * sd.array[0, 0, 0], 1 - 3 * sd.array[0, 0, 0], 0.0
+    ctx = study_context("anomaly", tmp_path, phantom_dir, phantom_dir, steps=0)
+    ctx.cache["normative"] = [{"which": m} for m in cohort]
+    detector = lambda channels: (channels["which"], 0.0)       # noqa: E731 (a map per "case")
+    one, score = an.normative(ctx, [detector], two_sided=False)({"which": Volume(case, grid)})
+    assert one.array[0, 1, 1] == pytest.approx(3.0, abs=1e-4) and one.array[1, 2, 2] == 0.0 and one.array[1, 0, 0] == 0
+    assert score == pytest.approx(3.0, abs=1e-4)                 # top 0.1 % of 31 voxels: the largest
+    two, _ = an.normative(ctx, [detector], two_sided=True)({"which": Volume(case, grid)})
+    assert two.array[1, 2, 2] == pytest.approx(3.0, abs=1e-4) and two.array[0, 0, 0] == pytest.approx(0.0, abs=1e-4)
 
 
 def test_validation_threshold_and_volume_cut():
