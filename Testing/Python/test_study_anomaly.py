@@ -143,6 +143,13 @@ def test_normative_maps_are_voxelwise_z_scores(tmp_path, phantom_dir):
 
 
 def test_validation_threshold_and_volume_cut():
+    from DiffusionMICLib.volume import Geometry, Volume
+    grid = Geometry((2, 2, 1), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    maps = [Volume(np.array([[[0.1, 0.5], [0.9, 0.2]]], np.float32), grid), Volume(np.ones((1, 2, 2), np.float32), grid)]
+    mask = Volume(np.array([[[1, 1], [1, 0]]], np.uint8), grid)
+    items = [{"anomalous": False, "mask": mask}, {"anomalous": True, "mask": mask}]
+    assert an.healthy_above(maps, items, 0.5) == pytest.approx(100 * 2 / 3)       # 0.5 and 0.9 of 3 scored voxels
+    assert an.healthy_above(maps, items, None) is None and an.healthy_above(maps, items[1:] * 2, 0.5) is None
     assert an.best_cut([0.1, 0.2, 0.8, 0.9], [False, False, True, True]) == pytest.approx(0.5)
     assert an.volume_auroc([0.1, 0.9], [False, True]) == 1.0 and an.volume_auroc([0.1, 0.9], [True, True]) is None
 
