@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DiffusionMICError
-from .tables import _fmt, table_names
+from .tables import _fmt, cell, table_names
 
 ORDER = ("denoise", "translate", "segment", "anomaly", "generate", "speed")
 
@@ -50,8 +50,8 @@ def write_report(folder: str | Path) -> dict[str, Any]:
              "(every number and the other metrics are in the task sections below).", "",
              "| task | table | metric | diffusion | best other method | winner |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['task']} | {r['table']} | {r['metric']} | {_fmt(r['diffusion'])} ({r['diffusion_method']}) | "
-                     f"{_fmt(r['other'])} ({r['other_method']}) | {'diffusion' if r['diffusion_wins'] else 'other'} |")
+        lines.append(f"| {r['task']} | {r['table']} | {r['metric']} | {_fmt(r['diffusion'])} ({cell(r['diffusion_method'])}) | "
+                     f"{_fmt(r['other'])} ({cell(r['other_method'])}) | {'diffusion' if r['diffusion_wins'] else 'other'} |")
     lines.append("")
     for task in docs:
         text = (folder / f"{task}.md").read_text(encoding="utf-8")

@@ -17,6 +17,11 @@ def metric_columns(module) -> list[dict[str, Any]]:
     return [{"key": k, "title": t, "better": b} for k, t, b in module.COLUMNS]
 
 
+def cell(text: str) -> str:
+    """Text safe inside a markdown table cell (a method label may hold "|z|")."""
+    return text.replace("|", "\\|")
+
+
 def _fmt(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
@@ -81,7 +86,7 @@ def markdown(doc: dict[str, Any]) -> str:
                 v = row.get(c["key"])
                 text = _fmt(v)
                 cells.append(f"**{text}**" if c["key"] in best and v == best[c["key"]] else text)
-            label = r["label"] + (f" ({r['note']})" if r.get("note") else "")
+            label = cell(r["label"] + (f" ({r['note']})" if r.get("note") else ""))
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {_budget(r.get('training'))} | "
                          f"{_fmt(r.get('seconds_per_volume'))} |")
         lines.append("")

@@ -128,3 +128,16 @@ def test_dncnn_is_residual():
     torch.nn.init.zeros_(net.body[-1].conv.weight)
     x = torch.rand(2, 5, 16, 16)
     assert torch.equal(net(x), x[:, 2:3])
+
+
+def test_markdown_escapes_a_pipe_in_a_label():
+    """A label such as "FLAIR |z-score|" stays in its cell: every row has as many cells as the header."""
+    from DiffusionMICLib.study.tables import markdown
+    doc = {"task": "anomaly", "quick": True, "data": {"kind": "dataset", "path": "d", "split_seed": 0},
+           "budget": {"steps": 1, "batch_size": 1, "time_limit_s": 1.0},
+           "columns": [{"key": "auroc", "title": "AUROC", "better": "higher"}], "notes": [],
+           "methods": {"z": {"label": "FLAIR |z-score|", "family": "floor", "note": "", "training": None,
+                             "tables": {"phantom": {"auroc": 0.5}}, "seconds_per_volume": 0.1}}}
+    rows = [line for line in markdown(doc).splitlines() if line.startswith("| ")]
+    assert len(rows) == 2 and "FLAIR \\|z-score\\|" in rows[1]
+    assert [len(r.replace("\\|", "").split("|")) for r in rows] == [len(rows[0].split("|"))] * 2
