@@ -149,9 +149,9 @@ class DiffusionMICLogic(ScriptedLoadableModuleLogic):
         `sigma` (denoise): the input's noise standard deviation for a model told the noise level
         (`run --sigma`; None: estimated). `lesionLoad` (generate, a lesion-map model, condition
         "lesion", no lesion mask): mL of lesion composed of the model's training lesions (`run
-        --lesion-load`; 0 or None: one training subject's lesions). The inputs are written to a temporary folder (removed
-        afterwards); the results are brought into the scene when the job is polled after the
-        backend has finished.
+        --lesion-load`; 0 or None: one training subject's lesions). The inputs are written to a
+        temporary folder (removed afterwards); the results are brought into the scene when the job
+        is polled after the backend has finished.
         """
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
