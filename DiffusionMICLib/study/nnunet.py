@@ -76,9 +76,10 @@ def write_raw(folder: Path, cases: list[tuple[str, list[Volume], Volume | None]]
 
 
 def schedule(steps: int) -> tuple[int, int]:
-    """(iterations per epoch, epochs) giving `steps` optimiser steps (rounded up to whole epochs)."""
-    per_epoch = min(EPOCH_ITERATIONS, steps)
-    return per_epoch, math.ceil(steps / per_epoch)
+    """(iterations per epoch, epochs): epochs of at most nnU-Net's 250 iterations, as even as can be,
+    giving `steps` optimiser steps (a few more where `steps` does not divide evenly)."""
+    epochs = math.ceil(steps / EPOCH_ITERATIONS)
+    return math.ceil(steps / epochs), epochs
 
 
 def run_stage(stage: str, folder: Path, config: dict[str, Any], workers: int = 1, log: Path | None = None) -> None:

@@ -55,7 +55,7 @@ NOTES = [
     "nnU-Net runs: its fingerprint, plans and preprocessing (z-score per channel, crop to the head), its "
     "2D configuration (its own patch size and network, planned for this data set), its trainer with its "
     "augmentations, deep supervision, Dice + CE and poly learning rate over the budget (the study's steps "
-    "as epochs of 250 iterations, the batch set to the study's; fold 'all': every training subject), and "
+    "as epochs of at most 250 iterations, the batch set to the study's; fold 'all': every training subject), and "
     "its predictor (Gaussian sliding windows, mirroring). Not as nnU-Net runs: no 5-fold "
     "cross-validation, ensemble or post-processing choice, and 1500 iterations instead of 250 000.",
     "nnU-Net stand-in: MONAI DynUNet set up as nnU-Net's 2D configuration: 3 x 3 kernels, instance norm, leaky ReLU, "
