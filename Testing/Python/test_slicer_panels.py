@@ -99,7 +99,7 @@ def test_another_model_keeps_the_volumes_of_the_same_contrast():
 def test_run_options_from_the_panel():
     sampling = dict(catalog.FALLBACK_DEFAULTS, steps=3)
     assert panels.runOptions(panels.panel("generate"), sampling, {"count": 2, "condition": ""}, "cpu") == {
-        **sampling, "device": "cpu", "count": 2, "condition": None}
+        **sampling, "device": "cpu", "count": 2, "condition": None, "lesionLoad": None}
     assert "count" not in panels.runOptions(panels.panel("denoise"), sampling, {}, "auto")
     assert panels.runOptions(panels.panel("denoise"), sampling, {"adapt": 200}, "auto")["adapt"] == 200
 
