@@ -32,6 +32,7 @@ TRAINER_FOLDER = f"nnUNetTrainer__nnUNetPlans__{CONFIGURATION}"
 FOLD = "all"                            # train on every training subject, as the other rows do
 EPOCH_ITERATIONS = 250                  # nnU-Net's iterations per epoch
 VALIDATION_ITERATIONS = 5               # nnU-Net's per-epoch pseudo-Dice monitor (50 by default); no effect on training
+AUGMENTATION_WORKERS = 1                # nnU-Net's data-augmentation processes beside the trainer (2 cores here)
 
 
 def available() -> str | None:
@@ -50,6 +51,11 @@ def environment(folder: Path, workers: int) -> dict[str, str]:
     return env
 
 
+def label_order(labels: dict[str, int]) -> dict[str, int]:
+    """A data set's labels by value: nnU-Net's label i is the i-th of them."""
+    return dict(sorted(labels.items(), key=lambda kv: kv[1]))
+
+
 def write_raw(folder: Path, cases: list[tuple[str, list[Volume], Volume | None]], channels: list[str],
               labels: dict[str, int], part: str = "Tr") -> None:
     """nnU-Net's raw layout: images{part}/{id}_{c:04d}.nii.gz, labels{part}/{id}.nii.gz and dataset.json.
@@ -57,8 +63,8 @@ def write_raw(folder: Path, cases: list[tuple[str, list[Volume], Volume | None]]
     import SimpleITK as sitk
     root = folder / "raw" / DATASET
     (root / f"images{part}").mkdir(parents=True, exist_ok=True)
-    order = sorted(labels.items(), key=lambda kv: kv[1])
-    lut = {value: i for i, (_, value) in enumerate(order)}
+    order = label_order(labels)
+    lut = {value: i for i, value in enumerate(order.values())}
     for case_id, volumes, label in cases:
         for c, v in enumerate(volumes):
             sitk.WriteImage(v.to_sitk(), str(root / f"images{part}" / f"{case_id}_{c:04d}.nii.gz"))
@@ -70,8 +76,8 @@ def write_raw(folder: Path, cases: list[tuple[str, list[Volume], Volume | None]]
             sitk.WriteImage(label.with_array(mapped).to_sitk(), str(root / f"labels{part}" / f"{case_id}.nii.gz"))
     if part == "Tr":
         meta = {"channel_names": {str(i): name for i, name in enumerate(channels)},
-                "labels": {name: i for i, (name, _) in enumerate(order)},
-                "numTraining": len(cases), "file_ending": ".nii.gz", "values": [v for _, v in order]}
+                "labels": {name: i for i, name in enumerate(order)},
+                "numTraining": len(cases), "file_ending": ".nii.gz", "values": list(order.values())}
         (root / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
@@ -82,13 +88,13 @@ def schedule(steps: int) -> tuple[int, int]:
     return math.ceil(steps / epochs), epochs
 
 
-def run_stage(stage: str, folder: Path, config: dict[str, Any], workers: int = 1, log: Path | None = None) -> None:
-    """Run one stage (train | predict) in a child process; its output goes to `log`."""
+def run_stage(stage: str, folder: Path, config: dict[str, Any]) -> None:
+    """Run one stage (train | predict) in a child process; its output goes to folder/STAGE.log."""
     (folder / "config.json").write_text(json.dumps(config) + "\n", encoding="utf-8")
-    log = log or folder / f"{stage}.log"
+    log = folder / f"{stage}.log"
     with open(log, "a", encoding="utf-8") as out:
         done = subprocess.run([sys.executable, "-m", "DiffusionMICLib.study.nnunet", stage, str(folder)],
-                              env=environment(folder, workers), stdout=out, stderr=subprocess.STDOUT)
+                              env=environment(folder, AUGMENTATION_WORKERS), stdout=out, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
         raise DiffusionMICError(f"nnU-Net {stage} failed (exit {done.returncode}; see {log}): {' '.join(tail)}")
@@ -110,7 +116,7 @@ def _plan_and_preprocess(batch_size: int) -> dict[str, Any]:
         plans = json.loads(plans_file.read_text())
         plans["configurations"][CONFIGURATION]["batch_size"] = batch_size
         plans_file.write_text(json.dumps(plans, indent=2))
-    if not (base / f"nnUNetPlans_{CONFIGURATION}").is_dir() or not (base / "done_preprocessing").is_file():
+    if not (base / "done_preprocessing").is_file():
         preprocess([DATASET_ID], configurations=(CONFIGURATION,), num_processes=(1,))
         (base / "done_preprocessing").write_text("")
     return json.loads(plans_file.read_text())

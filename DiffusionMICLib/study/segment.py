@@ -379,7 +379,7 @@ def _eval_nnunet(ctx: Context, folder: Path) -> Evaluation:
     nnunet.run_stage("predict", work, {"device": str(ctx.device), "cases": [item["id"] for item in cases],
                                        "threads": torch.get_num_threads()})
     ctx.progress.close()
-    labels = dict(sorted(card.labels.items(), key=lambda kv: kv[1]))      # nnU-Net's channel order
+    labels = nnunet.label_order(card.labels)                              # nnU-Net's channel order
     values = np.array(list(labels.values()))
     stored = {item["id"]: np.load(work / "predictions" / f"{item['id']}.npz") for item in cases}
 

@@ -90,14 +90,14 @@ def composed(card: ModelCard, seed: int, load: float) -> np.ndarray:
         lesions += [np.where(components == k, m, 0.0).astype(np.float32) for k in range(1, n + 1)]
     rng = np.random.default_rng(seed)
     for _ in range(LOAD_TRIES):
-        out = np.zeros((1, *card.patch), np.float32)
+        out, current = np.zeros((1, *card.patch), np.float32), 0.0
         for i in rng.permutation(len(lesions)):
             lesion = lesions[i][..., ::-1] if rng.random() < 0.5 else lesions[i]
             trial = np.maximum(out, lesion)
             total = load_ml(card, trial)
-            if total <= load * (1 + LOAD_TOLERANCE) and abs(total - load) < abs(load_ml(card, out) - load):
-                out = trial
-        if abs(load_ml(card, out) - load) <= LOAD_TOLERANCE * load:
+            if total <= load * (1 + LOAD_TOLERANCE) and abs(total - load) < abs(current - load):
+                out, current = trial, total
+        if abs(current - load) <= LOAD_TOLERANCE * load:
             return np.ascontiguousarray(out)
     sizes = [load_ml(card, x) for x in lesions]
     raise DiffusionMICError(f"--lesion-load {load:g} mL cannot be composed within {LOAD_TOLERANCE:.0%} from model "
