@@ -41,6 +41,20 @@ def _crop(a: np.ndarray, starts: list[int], size: list[int], fill: float) -> np.
     return out
 
 
+def mirror(batch: Batch, generator: torch.Generator) -> Batch:
+    """Each crop of the batch flipped along its last axis (left-right in a RAS model space) with probability 1/2,
+    its conditioning and loss weight with it."""
+    which = torch.rand(batch.target.shape[0], generator=generator) < 0.5
+
+    def mirrored(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        out = t.clone()
+        out[which] = out[which].flip(-1)
+        return out
+    return Batch(mirrored(batch.target), mirrored(batch.cond), batch.labels, mirrored(batch.weight))
+
+
 def random_batches(cases: list[TrainingCase], *, spatial_dims: int, patch: list[int], batch_size: int,
                    seed: int, background: float = -1.0, focus_fraction: float = 0.0,
                    augment: Callable[[Batch, torch.Generator], Batch] | None = None) -> Iterator[Batch]:

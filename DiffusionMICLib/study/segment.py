@@ -67,7 +67,9 @@ NOTES = [
     "without skip connections). Floor: every voxel takes the label whose mean normalised intensity "
     "vector (over the training subjects' voxels) is nearest.",
     "Diffusion, ensemble 5: the ensemble-1 model with 5 draws averaged (no training of its own; its "
-    "budget is that model's).",
+    "budget is that model's). Trained on mirrored crops: the same recipe with half the training crops flipped "
+    "left-right (the only augmentation; the other diffusion rows have none); its 5 draws mirror as nnU-Net's "
+    "predictor does: the 2nd and 4th draw are of the left-right mirrored input, mirrored back.",
     "Calibration and uncertainty, over the voxels that the reference or the prediction labels (the head): "
     "ECE = MONAI's expected calibration error of each method's class probabilities (20 bins, one-vs-rest "
     "per label, background left out, averaged over the labels); the probabilities are the task's: the "
@@ -232,14 +234,20 @@ def _eval_diffusion(ctx: Context, folder: Path) -> Evaluation:
     return _evaluate(ctx, _model_segmenter(ctx, folder / "model", ensemble=1))
 
 
-def _eval_ensemble(ctx: Context, folder: Path) -> Evaluation:
-    """Five draws of the ensemble-1 row's model (trained here first if that row has not run)."""
-    shared = ctx.out / "diffusion"
-    if not (shared / "trained.json").is_file():
-        write_json(shared / "trained.json", _fit_diffusion(ctx, shared))
-    evaluation = _evaluate(ctx, _model_segmenter(ctx, shared / "model", ensemble=5))
-    evaluation.extra["training"] = json.loads((shared / "trained.json").read_text(encoding="utf-8"))
-    return evaluation
+def _fit_mirror(ctx: Context, folder: Path) -> dict[str, Any]:
+    return _fit_diffusion(ctx, folder, mirror=True)
+
+
+def _ensemble(shared_method: str, fit: Callable[[Context, Path], dict[str, Any]]):
+    """Five draws of another row's model (trained there first if that row has not run)."""
+    def evaluate(ctx: Context, folder: Path) -> Evaluation:
+        shared = ctx.out / shared_method
+        if not (shared / "trained.json").is_file():
+            write_json(shared / "trained.json", fit(ctx, shared))
+        evaluation = _evaluate(ctx, _model_segmenter(ctx, shared / "model", ensemble=5))
+        evaluation.extra["training"] = json.loads((shared / "trained.json").read_text(encoding="utf-8"))
+        return evaluation
+    return evaluate
 
 
 def _eval_bundled(ctx: Context, folder: Path) -> Evaluation:
@@ -435,8 +443,13 @@ def methods(quick: bool) -> list[Method]:
     return [
         Method("diffusion", "Diffusion (x0, 4 Fast-DDPM steps), ensemble 1", "diffusion", _eval_diffusion,
                _fit_diffusion),
-        Method("diffusion-ens5", "Diffusion, ensemble 5", "diffusion", _eval_ensemble,
+        Method("diffusion-ens5", "Diffusion, ensemble 5", "diffusion", _ensemble("diffusion", _fit_diffusion),
                note="the ensemble-1 model, 5 draws"),
+        Method("diffusion-mirror", "Diffusion trained on mirrored crops, ensemble 1", "diffusion", _eval_diffusion,
+               _fit_mirror),
+        Method("diffusion-mirror-ens5", "Diffusion trained on mirrored crops, ensemble 5, test-time mirroring",
+               "diffusion", _ensemble("diffusion-mirror", _fit_mirror),
+               note="the diffusion-mirror model, 5 draws, the 2nd and 4th of the mirrored input"),
         Method("diffusion-dice-ce", "Diffusion + Dice-CE on the x0 prediction, ensemble 1", "diffusion",
                _eval_diffusion, _fit_dice_ce),
         Method("diffusion-bundled", f"Diffusion, bundled {BUNDLED}", "diffusion", _eval_bundled, note=bundled_note(BUNDLED)),

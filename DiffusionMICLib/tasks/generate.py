@@ -61,12 +61,11 @@ import numpy as np
 import torch
 
 from ..datasets import Case, Dataset
-from ..engine.batches import TrainingCase, whole_crop
+from ..engine.batches import TrainingCase, mirror, whole_crop
 from ..engine.latent import autoencoder_factor, latent_spec
 from ..engine.network import downsampling_factor, network_config
 from ..engine.sampling import sample_volume
 from ..engine.space import from_unit, robust_scale, to_unit
-from ..engine.trainer import Batch
 from ..errors import DiffusionMICError
 from ..metrics import generation_metrics
 from ..models import ModelCard
@@ -205,16 +204,7 @@ class Generate(Task):
     def augment(self, card: ModelCard):
         if card.inputs or card.latent:      # a latent model learns each case's mirror image's latent instead
             return None
-        def flip(batch: Batch, generator: torch.Generator) -> Batch:
-            which = torch.rand(batch.target.shape[0], generator=generator) < 0.5
-
-            def mirrored(t: torch.Tensor) -> torch.Tensor:
-                out = t.clone()
-                out[which] = out[which].flip(-1)          # x: left-right in RAS
-                return out
-            return Batch(mirrored(batch.target), None if batch.cond is None else mirrored(batch.cond), batch.labels,
-                         None if batch.weight is None else mirrored(batch.weight))
-        return flip
+        return mirror
 
     def run(self, card: ModelCard, network: torch.nn.Module, volumes: list[Volume], options: RunOptions,
             progress: Progress, device: torch.device) -> RunResult:

@@ -210,3 +210,41 @@ def test_dice_ce_term_on_the_x0_prediction(phantom_dir):
                 x0_loss=task.training_loss(eps))
     with pytest.raises(DiffusionMICError, match="dice_ce"):
         task.make_card(ds, {"task": {"dice_ce": -1}})
+
+
+def test_mirroring_in_training_and_in_the_ensemble(phantom_dir, tiny_model):
+    """{"task": {"mirror": true}}: training crops flipped left-right with their conditioning, and the
+    ensemble's every second draw is of the mirrored input, mirrored back, its crop mirrored with it."""
+    from dataclasses import replace
+
+    import torch
+    from DiffusionMICLib.engine.sampling import sample_draws
+    from DiffusionMICLib.engine.trainer import Batch
+    from DiffusionMICLib.models import load_model
+    from DiffusionMICLib.progress import Progress
+    from DiffusionMICLib.tasks.base import RunOptions
+    from DiffusionMICLib.tasks.segment import mirrored_draws
+    task, ds = get_task("segment"), read_dataset(phantom_dir)
+    card = task.make_card(ds, {"task": {"mirror": True}})
+    assert card.defaults["mirror"] and card.training["mirror"] and task.augment(task.make_card(ds, {})) is None
+    x = torch.randn(64, 1, 4, 6)
+    out = task.augment(card)(Batch(x, 2 * x), torch.Generator().manual_seed(0))
+    flipped = (out.target == x.flip(-1)).flatten(1).all(1)
+    assert ((out.target == x).flatten(1).all(1) | flipped).all() and 16 < int(flipped.sum()) < 48
+    assert torch.equal(out.cond, 2 * out.target)
+
+    card, network = load_model(tiny_model)
+    cond = np.random.default_rng(0).uniform(-1, 1, (2, 3, 16, 24)).astype(np.float32)
+    crop = (slice(0, 3), slice(2, 14), slice(1, 9))          # off-centre in x
+    options = RunOptions(steps=2, seed=5, ensemble=3).with_card_defaults(card)
+    cpu = torch.device("cpu")
+    draws = list(mirrored_draws(card, network, cond, options, device=cpu, progress=Progress(), crop=crop))
+
+    def plain(c: np.ndarray, seed: int, region: tuple[slice, ...]) -> np.ndarray:
+        one = replace(options, seed=seed, ensemble=1)
+        return next(sample_draws(card, network, c, one, device=cpu, progress=Progress(), crop=region))
+    assert np.array_equal(draws[0], plain(cond, 5, crop)) and np.array_equal(draws[2], plain(cond, 7, crop))
+    assert np.allclose(draws[1], plain(np.ascontiguousarray(cond[..., ::-1]), 6, crop[:2] + (slice(15, 23),))[..., ::-1])
+    outside = np.ones(cond.shape[1:], bool)
+    outside[crop] = False
+    assert (draws[1][:, outside] == -1).all() and (draws[1][(slice(None), *crop)] != -1).any()

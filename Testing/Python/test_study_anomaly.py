@@ -154,6 +154,19 @@ def test_validation_threshold_and_volume_cut():
     assert an.volume_auroc([0.1, 0.9], [False, True]) == 1.0 and an.volume_auroc([0.1, 0.9], [True, True]) is None
 
 
+def test_largest_region_counts_one_connected_region_in_ml():
+    """Eleven scattered voxels above the threshold lose to one region of four; 2 mm voxels are 0.008 mL."""
+    from DiffusionMICLib.volume import Geometry, Volume
+    grid = Geometry((8, 8, 4), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    a = np.zeros((4, 8, 8), np.float32)
+    a[0, ::3, ::3] = 5.0                        # 9 isolated voxels
+    a[2, 4, 1:5] = 3.0                          # one region of 4
+    a[3, 1, 1], a[2, 1, 2] = 3.0, 3.0           # two more isolated voxels
+    m = Volume(a, grid)
+    assert an.largest_region(m, 2.0) == pytest.approx(4 * 0.008)
+    assert an.largest_region(m, 4.0) == pytest.approx(0.008) and an.largest_region(m, 6.0) == 0.0
+
+
 def test_bad_input_one_line_and_nothing_written(tmp_path, phantom_dir, capsys):
     out = tmp_path / "out"
     with pytest.raises(DiffusionMICError, match="unknown anomaly method.*flair"):
