@@ -27,8 +27,24 @@ def network_config(in_channels: int, out_channels: int, num_classes: int | None 
     return config
 
 
+class ResidualDiffusionUNet(DiffusionModelUNet):
+    """MONAI's DiffusionModelUNet with its output added to input channels [residual_input,
+    residual_input + out_channels): with x0 prediction it learns only the correction to a
+    conditioning image (DnCNN's residual learning), so what it never saw in training (brighter fat,
+    darker background) passes through instead of being mapped into the training range. The state
+    dict is the plain UNet's."""
+
+    def __init__(self, residual_input: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.residual = slice(residual_input, residual_input + kwargs["out_channels"])
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return super().forward(x, timesteps, *args, **kwargs) + x[:, self.residual]
+
+
 def build_network(config: dict[str, Any]) -> DiffusionModelUNet:
-    """Instantiate a MONAI DiffusionModelUNet from a card's network config."""
+    """Instantiate a MONAI DiffusionModelUNet from a card's network config (with "residual_input",
+    a ResidualDiffusionUNet)."""
     kwargs = dict(config)
     for key in ("channels", "attention_levels", "num_res_blocks"):
         if isinstance(kwargs.get(key), list):
@@ -36,7 +52,8 @@ def build_network(config: dict[str, Any]) -> DiffusionModelUNet:
     groups = kwargs.get("norm_num_groups", 32)
     if any(c % groups for c in kwargs["channels"]):
         raise ValueError(f"norm_num_groups={groups} must divide every channel count {kwargs['channels']}")
-    return DiffusionModelUNet(**kwargs)
+    residual = kwargs.pop("residual_input", None)
+    return DiffusionModelUNet(**kwargs) if residual is None else ResidualDiffusionUNet(int(residual), **kwargs)
 
 
 def downsampling_factor(config: dict[str, Any]) -> int:

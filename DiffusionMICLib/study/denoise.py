@@ -47,6 +47,9 @@ NOTES = [
     "median, the phantom's 1.2), times 1 + a T, a uniform in [0, 0.2], T a unit Gaussian random field smoothed "
     "in-plane by 0.5-1.5 voxels and shared by the stacked neighbours (detail finer than the phantom's MNI152 "
     "anatomy, which the model must keep; noise is independent between slices).",
+    "Diffusion predicting the correction (residual): the diffusion row's recipe with the network's x0 "
+    "output added to the noisy centre slice (DnCNN's residual learning): intensities outside the phantom's "
+    "range pass through instead of being mapped into it.",
     "Non-local means: scikit-image `denoise_nl_means` (3D, fast mode, 5-voxel patches, 13-voxel search, "
     "sigma from `estimate_sigma`, h = 0.8 sigma), then the Rician bias removed: sqrt(max(x^2 - sigma^2, 0)).",
     f"Diffusion, adapted: the diffusion row's model fine-tuned on each noisy test image alone, without its "
@@ -188,6 +191,10 @@ def _fit_noise_map(ctx: Context, folder: Path) -> dict[str, Any]:
     return _fit_diffusion(ctx, folder, noise_map=True)
 
 
+def _fit_residual(ctx: Context, folder: Path) -> dict[str, Any]:
+    return _fit_diffusion(ctx, folder, residual=True)
+
+
 def _fit_varied(ctx: Context, folder: Path) -> dict[str, Any]:
     return _fit_diffusion(ctx, folder, **VARIED)
 
@@ -303,6 +310,8 @@ def methods(quick: bool) -> list[Method]:
         Method("diffusion", "Diffusion (x0, 4 Fast-DDPM steps, 2.5D)", "diffusion", _eval_diffusion, _fit_diffusion),
         Method("diffusion-noise-map", "Diffusion told the noise level (FFDNet-style map; estimated per scan)",
                "diffusion", _eval_diffusion, _fit_noise_map),
+        Method("diffusion-residual", "Diffusion predicting the correction to the noisy image (residual)",
+               "diffusion", _eval_diffusion, _fit_residual),
         Method("diffusion-adapted", "Diffusion, adapted to each scan (self-supervised)", "diffusion", _eval_adapted,
                note="the diffusion row's model; adaptation time included"),
         Method("diffusion-bundled", "Diffusion, bundled brain-mri-denoise", "diffusion", _eval_bundled,

@@ -11,6 +11,8 @@ one more conditioning image, stacked like the noisy image. In training it is eac
 level; at run time `--sigma` (the input's units) or else the input's estimated level
 (`engine.noiselevel.estimate_sigma`, Immerkaer's estimator over the foreground), recorded in
 RunResult.info["sigma"].
+With {"task": {"residual": true}} (x0 prediction only) the network's output is added to the noisy
+centre slice (engine.network.ResidualDiffusionUNet): it predicts the correction, not the image.
 The output is in the input's units (the normalisation is inverted).
 
 Two augmentations of the clean crop before the noise, for scans unlike the phantom (whose tissue
@@ -92,14 +94,19 @@ class Denoise(Task):
         for key in ("noise_map", "gamma", "texture"):
             if spec.get(key) and spec.get("noise_range") is None:
                 raise DiffusionMICError(f"denoise: {key} needs noise_range (the levels to train on)")
+        schedule = {"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "v_prediction",
+                    **settings.get("schedule", {})}
+        residual = {"residual_input": 1 + context} if spec.get("residual") else {}   # x_t, then the centre slice
+        if residual and schedule["prediction_type"] != "sample":
+            raise DiffusionMICError("denoise: residual needs prediction_type 'sample' (the network's output is "
+                                    "added to the noisy image)")
         return ModelCard(
             name=settings.get("name", "denoise"), task=self.name,
             inputs=["noisy"], outputs=["clean"],
             description=settings.get("description", "Conditional diffusion denoiser for brain MRI (any contrast)."),
-            network=network_config(1 + (2 * context + 1) * (2 if noise_map else 1), 1, **settings.get("network", {})),
-            context=context,
-            schedule={"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "v_prediction",
-                      **settings.get("schedule", {})},
+            network=network_config(1 + (2 * context + 1) * (2 if noise_map else 1), 1,
+                                   **{**settings.get("network", {}), **residual}),
+            context=context, schedule=schedule,
             normalisation=NORMALISATION, patch=settings.get("patch", [64, 64]),
             sampler={"name": "dpm++2m", "steps": 10, **settings.get("sampler", {})},
             defaults={"strength": 1.0, "ensemble": 1, **settings.get("defaults", {})},

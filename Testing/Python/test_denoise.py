@@ -371,6 +371,33 @@ def test_noise_map_conditions_on_the_given_or_estimated_level(phantom_dir):
         RunOptions(sigma=0).validate()
 
 
+def test_residual_network_predicts_the_correction_to_the_noisy_slice(phantom_dir):
+    """{"task": {"residual": true}}: the x0 prediction is the network's output plus the noisy centre
+    slice (input channel 1 + context); untrained (MONAI zeroes the output layer) it returns that
+    slice, with whatever intensities, and after a weight change the plain UNet's output plus it.
+    Refused for a model that does not predict x0."""
+    import torch
+    from DiffusionMICLib.datasets import read_dataset
+    from DiffusionMICLib.engine.network import build_network
+    from DiffusionMICLib.errors import DiffusionMICError
+    from DiffusionMICLib.tasks import get_task
+    task, ds = get_task("denoise"), read_dataset(phantom_dir)
+    card = task.make_card(ds, {**SETTINGS, "context": 1, "task": {"noise_range": [1, 9], "residual": True}})
+    assert card.network["residual_input"] == 2
+    net = build_network(card.network).eval()
+    x = torch.randn(2, 4, 16, 16) * 3.0           # x_t, then the noisy slices z-1, z, z+1
+    t = torch.tensor([10, 500])
+    assert torch.equal(net(x, t), x[:, 2:3])
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    plain = build_network({k: v for k, v in card.network.items() if k != "residual_input"}).eval()
+    plain.load_state_dict(net.state_dict())        # the same state dict keys
+    assert torch.allclose(net(x, t), plain(x, t) + x[:, 2:3], atol=1e-5)
+    with pytest.raises(DiffusionMICError, match="residual needs prediction_type 'sample'"):
+        task.make_card(ds, {"task": {"residual": True}, "schedule": {"prediction_type": "epsilon"}})
+
+
 def test_gamma_and_texture_change_conditioning_and_target_alike(phantom_dir):
     """{"task": {"gamma": ..., "texture": ...}}: the clean crop is remapped (median kept) and given
     fine structure shared by its stacked neighbours, before the noise; the target gets the same."""
