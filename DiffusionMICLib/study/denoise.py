@@ -42,7 +42,7 @@ NOTES = [
     "and +10 dB at 9 %. At 1-3 % the real-MR tables reward leaving noise in, not removing it.",
     "Learned methods see the same training pairs: the training subjects' clean T1/T2/PD/FLAIR with fresh "
     "Rician noise of 1-9 % per crop, two neighbouring slices on either side (2.5D), 48 x 48 crops.",
-    "Crops varied in contrast and fine detail (both rows): before the noise, each clean crop's [0, 1] "
+    "Crops varied in contrast and fine detail (the three rows so named): before the noise, each clean crop's [0, 1] "
     "intensities x -> 0.5 (x / 0.5)^g, g log-uniform in [0.5, 2] (real scans' fat and CSF reach 2-3 times the "
     "median, the phantom's 1.2), times 1 + a T, a uniform in [0, 0.2], T a unit Gaussian random field smoothed "
     "in-plane by 0.5-1.5 voxels and shared by the stacked neighbours (detail finer than the phantom's MNI152 "
@@ -195,6 +195,10 @@ def _fit_residual(ctx: Context, folder: Path) -> dict[str, Any]:
     return _fit_diffusion(ctx, folder, residual=True)
 
 
+def _fit_residual_varied(ctx: Context, folder: Path) -> dict[str, Any]:
+    return _fit_diffusion(ctx, folder, residual=True, **VARIED)
+
+
 def _fit_varied(ctx: Context, folder: Path) -> dict[str, Any]:
     return _fit_diffusion(ctx, folder, **VARIED)
 
@@ -312,6 +316,8 @@ def methods(quick: bool) -> list[Method]:
                "diffusion", _eval_diffusion, _fit_noise_map),
         Method("diffusion-residual", "Diffusion predicting the correction to the noisy image (residual)",
                "diffusion", _eval_diffusion, _fit_residual),
+        Method("diffusion-residual-varied", "Diffusion predicting the correction, crops varied in contrast and fine detail",
+               "diffusion", _eval_diffusion, _fit_residual_varied),
         Method("diffusion-adapted", "Diffusion, adapted to each scan (self-supervised)", "diffusion", _eval_adapted,
                note="the diffusion row's model; adaptation time included"),
         Method("diffusion-bundled", "Diffusion, bundled brain-mri-denoise", "diffusion", _eval_bundled,
