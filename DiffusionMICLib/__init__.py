@@ -2,7 +2,7 @@
 
     import DiffusionMICLib as dmic
     vol = dmic.read_volume("t1.nii.gz")
-    result = dmic.denoise(vol, "brain-mri-denoise", steps=10)
+    result = dmic.denoise(vol, "brain-mri-denoise")          # the card's 4 steps
     dmic.write_volume(result.outputs["output"], "t1-denoised.nrrd")
     dmic.finetune("denoise", "brain-mri-denoise", "my-site-data/", "models/site-denoise")   # LoRA
     dmic.adapt("denoise", "brain-mri-denoise", "t1.nii.gz", "models/t1-adapted")   # no reference needed
