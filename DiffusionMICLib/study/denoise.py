@@ -58,7 +58,7 @@ NOTES = [
     "The quick study adapts for 3 steps, at 5 % only.",
     "BM4D: PyPI `bm4d` (non-commercial licence, a study-only extra: `pip install .[bm4d]`) with the same "
     "sigma and bias correction; Foi's Rician variance-stabilising transform is not applied (its tables are "
-    "not packaged). It takes minutes per volume on this CPU, so it runs at 5 % noise only.",
+    "not packaged). It takes up to a minute per volume on this CPU, so it runs at 5 and 9 % noise only.",
 ]
 
 # The recipe of the bundled brain-mri-denoise (Resources/Models/brain-mri-denoise/train.json),
@@ -302,7 +302,7 @@ def _eval_bm4d(ctx: Context, folder: Path) -> Evaluation:
         sigma = _sigma(a)
         out = bm4d.bm4d(np.transpose(a, (1, 2, 0)), sigma)      # (y, x, z): z may be 1
         return noisy.with_array(_unbias(np.transpose(np.asarray(out, np.float32), (2, 0, 1)), sigma))
-    return _evaluate(ctx, run, levels=(PREVIEW_NOISE,))
+    return _evaluate(ctx, run, levels=(PREVIEW_NOISE, NOISE_LEVELS[-1]))
 
 
 def _eval_identity(ctx: Context, folder: Path) -> Evaluation:
