@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -187,22 +188,6 @@ def _fit_diffusion(ctx: Context, folder: Path, **task: Any) -> dict[str, Any]:
     return budget_used(card.training)
 
 
-def _fit_noise_map(ctx: Context, folder: Path) -> dict[str, Any]:
-    return _fit_diffusion(ctx, folder, noise_map=True)
-
-
-def _fit_residual(ctx: Context, folder: Path) -> dict[str, Any]:
-    return _fit_diffusion(ctx, folder, residual=True)
-
-
-def _fit_residual_varied(ctx: Context, folder: Path) -> dict[str, Any]:
-    return _fit_diffusion(ctx, folder, residual=True, **VARIED)
-
-
-def _fit_varied(ctx: Context, folder: Path) -> dict[str, Any]:
-    return _fit_diffusion(ctx, folder, **VARIED)
-
-
 def _model_denoiser(ctx: Context, model: str | Path, **options: Any) -> Callable[[Volume, float], Volume]:
     def run(noisy: Volume, level: float) -> Volume:
         return api.denoise(noisy, model, device=str(ctx.device), **options).outputs["output"]
@@ -313,11 +298,11 @@ def methods(quick: bool) -> list[Method]:
     out = [
         Method("diffusion", "Diffusion (x0, 4 Fast-DDPM steps, 2.5D)", "diffusion", _eval_diffusion, _fit_diffusion),
         Method("diffusion-noise-map", "Diffusion told the noise level (FFDNet-style map; estimated per scan)",
-               "diffusion", _eval_diffusion, _fit_noise_map),
+               "diffusion", _eval_diffusion, partial(_fit_diffusion, noise_map=True)),
         Method("diffusion-residual", "Diffusion predicting the correction to the noisy image (residual)",
-               "diffusion", _eval_diffusion, _fit_residual),
+               "diffusion", _eval_diffusion, partial(_fit_diffusion, residual=True)),
         Method("diffusion-residual-varied", "Diffusion predicting the correction, crops varied in contrast and fine detail",
-               "diffusion", _eval_diffusion, _fit_residual_varied),
+               "diffusion", _eval_diffusion, partial(_fit_diffusion, residual=True, **VARIED)),
         Method("diffusion-adapted", "Diffusion, adapted to each scan (self-supervised)", "diffusion", _eval_adapted,
                note="the diffusion row's model; adaptation time included"),
         Method("diffusion-bundled", "Diffusion, bundled brain-mri-denoise", "diffusion", _eval_bundled,
@@ -325,7 +310,7 @@ def methods(quick: bool) -> list[Method]:
         Method("unet", "UNet regression (same network, MSE)", "learned", _eval_baseline,
                _baseline_fit("diffusion-unet", _unet_spec)),
         Method("diffusion-varied", "Diffusion, crops varied in contrast and fine detail", "diffusion",
-               _eval_diffusion, _fit_varied),
+               _eval_diffusion, partial(_fit_diffusion, **VARIED)),
         Method("unet-varied", "UNet regression, crops varied in contrast and fine detail", "learned",
                _eval_baseline, _baseline_fit("diffusion-unet", _unet_spec, **VARIED)),
         Method("dncnn", "DnCNN", "learned", _eval_baseline, _baseline_fit("dncnn", _dncnn_spec(quick)),

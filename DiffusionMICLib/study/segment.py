@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -222,20 +223,12 @@ def _fit_diffusion(ctx: Context, folder: Path, **task: Any) -> dict[str, Any]:
     return budget_used(card.training)
 
 
-def _fit_dice_ce(ctx: Context, folder: Path) -> dict[str, Any]:
-    return _fit_diffusion(ctx, folder, dice_ce=DICE_CE)
-
-
 def _model_segmenter(ctx: Context, model: str | Path, **options: Any) -> Callable[[list[Volume]], RunResult]:
     return lambda inputs: api.segment(inputs, model, device=str(ctx.device), **options)
 
 
 def _eval_diffusion(ctx: Context, folder: Path) -> Evaluation:
     return _evaluate(ctx, _model_segmenter(ctx, folder / "model", ensemble=1))
-
-
-def _fit_mirror(ctx: Context, folder: Path) -> dict[str, Any]:
-    return _fit_diffusion(ctx, folder, mirror=True)
 
 
 def _ensemble(shared_method: str, fit: Callable[[Context, Path], dict[str, Any]]):
@@ -446,12 +439,12 @@ def methods(quick: bool) -> list[Method]:
         Method("diffusion-ens5", "Diffusion, ensemble 5", "diffusion", _ensemble("diffusion", _fit_diffusion),
                note="the ensemble-1 model, 5 draws"),
         Method("diffusion-mirror", "Diffusion trained on mirrored crops, ensemble 1", "diffusion", _eval_diffusion,
-               _fit_mirror),
+               partial(_fit_diffusion, mirror=True)),
         Method("diffusion-mirror-ens5", "Diffusion trained on mirrored crops, ensemble 5, test-time mirroring",
-               "diffusion", _ensemble("diffusion-mirror", _fit_mirror),
+               "diffusion", _ensemble("diffusion-mirror", partial(_fit_diffusion, mirror=True)),
                note="the diffusion-mirror model, 5 draws, the 2nd and 4th of the mirrored input"),
         Method("diffusion-dice-ce", "Diffusion + Dice-CE on the x0 prediction, ensemble 1", "diffusion",
-               _eval_diffusion, _fit_dice_ce),
+               _eval_diffusion, partial(_fit_diffusion, dice_ce=DICE_CE)),
         Method("diffusion-bundled", f"Diffusion, bundled {BUNDLED}", "diffusion", _eval_bundled, note=bundled_note(BUNDLED)),
         *([Method("nnunetv2", "nnU-Net (nnunetv2, 2D configuration)", "learned", _eval_nnunet, _fit_nnunet)]
           if nnunet.available() is None else []),

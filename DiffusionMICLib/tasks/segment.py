@@ -102,15 +102,13 @@ def mirrored_draws(card: ModelCard, network: torch.nn.Module, cond: np.ndarray, 
     """The ensemble's draws (seeds seed, seed + 1, ...), every second one of the input mirrored along
     x (left-right in a RAS model space) and mirrored back: nnU-Net's test-time mirroring."""
     width = cond.shape[-1]
-    flipped = crop[:-1] + (slice(width - crop[-1].stop, width - crop[-1].start),)
+    views = [(cond, crop), (np.ascontiguousarray(cond[..., ::-1]),
+                            crop[:-1] + (slice(width - crop[-1].stop, width - crop[-1].start),))]
     for k in range(options.ensemble):
+        view, region = views[k % 2]
         one = replace(options, seed=options.seed + k, ensemble=1)
-        if k % 2:
-            draw = next(sample_draws(card, network, np.ascontiguousarray(cond[..., ::-1]), one, device=device,
-                                     progress=progress, crop=flipped))
-            yield np.ascontiguousarray(draw[..., ::-1])
-        else:
-            yield next(sample_draws(card, network, cond, one, device=device, progress=progress, crop=crop))
+        draw = next(sample_draws(card, network, view, one, device=device, progress=progress, crop=region))
+        yield np.ascontiguousarray(draw[..., ::-1]) if k % 2 else draw
 
 
 def entropy(p: np.ndarray) -> np.ndarray:
