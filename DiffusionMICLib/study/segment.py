@@ -90,6 +90,9 @@ RECIPE: dict[str, Any] = {
     "patch": [64, 64],
     "train": {"lr": 1e-3, "lr_schedule": "cosine", "ema_decay": 0.995, "ema_start": 20, "seed": 103},
 }
+# The diffusion-wide rows' crop: nnU-Net's 2D patch on this data (its plans), the whole 2 mm
+# phantom slice (104 x 88) with its margin; 64 x 64 crops see a third of a slice.
+WIDE_PATCH = [112, 96]
 QUICK_NETWORK = {"channels": [16, 32], "attention_levels": [False, False], "norm_num_groups": 16}
 
 # Baseline networks (learners.network kinds and specs, in/out channels added per data set): full, quick.
@@ -215,10 +218,12 @@ def write_reference(ctx: Context) -> None:
 
 # ---- diffusion ------------------------------------------------------------------------------------
 
-def _fit_diffusion(ctx: Context, folder: Path, **task: Any) -> dict[str, Any]:
-    """The bundled recipe at the study's budget; `task` overrides its "task" settings."""
-    card = train(TASK, ctx.data.train_dir, folder / "model", device=str(ctx.device),
-                 settings=budget_recipe(ctx, RECIPE, QUICK_NETWORK, **task),
+def _fit_diffusion(ctx: Context, folder: Path, patch: list[int] | None = None, **task: Any) -> dict[str, Any]:
+    """The bundled recipe at the study's budget; `task` overrides its "task" settings, `patch` its crop."""
+    settings = budget_recipe(ctx, RECIPE, QUICK_NETWORK, **task)
+    if patch is not None and not ctx.quick:
+        settings["patch"] = patch
+    card = train(TASK, ctx.data.train_dir, folder / "model", device=str(ctx.device), settings=settings,
                  progress=ctx.progress, resume=True)
     return budget_used(card.training)
 
@@ -443,6 +448,11 @@ def methods(quick: bool) -> list[Method]:
         Method("diffusion-mirror-ens5", "Diffusion trained on mirrored crops, ensemble 5, test-time mirroring",
                "diffusion", _ensemble("diffusion-mirror", partial(_fit_diffusion, mirror=True)),
                note="the diffusion-mirror model, 5 draws, the 2nd and 4th of the mirrored input"),
+        Method("diffusion-wide", "Diffusion trained on whole-slice crops (nnU-Net's 112 x 96), ensemble 1",
+               "diffusion", _eval_diffusion, partial(_fit_diffusion, patch=WIDE_PATCH)),
+        Method("diffusion-wide-ens5", "Diffusion trained on whole-slice crops, ensemble 5", "diffusion",
+               _ensemble("diffusion-wide", partial(_fit_diffusion, patch=WIDE_PATCH)),
+               note="the diffusion-wide model, 5 draws"),
         Method("diffusion-dice-ce", "Diffusion + Dice-CE on the x0 prediction, ensemble 1", "diffusion",
                _eval_diffusion, partial(_fit_diffusion, dice_ce=DICE_CE)),
         Method("diffusion-bundled", f"Diffusion, bundled {BUNDLED}", "diffusion", _eval_bundled, note=bundled_note(BUNDLED)),

@@ -17,7 +17,8 @@ from DiffusionMICLib.volume import Geometry, Volume, read_volume
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 HAVE_NNUNET = nnunet.available() is None       # `make venv` installs nnunetv2
-METHODS = ["diffusion", "diffusion-ens5", "diffusion-mirror", "diffusion-mirror-ens5", "diffusion-dice-ce", "diffusion-bundled", *(["nnunetv2"] * HAVE_NNUNET),
+METHODS = ["diffusion", "diffusion-ens5", "diffusion-mirror", "diffusion-mirror-ens5", "diffusion-wide",
+           "diffusion-wide-ens5", "diffusion-dice-ce", "diffusion-bundled", *(["nnunetv2"] * HAVE_NNUNET),
            "nnunet", "swin-unetr", "segnet", "centroid"]
 # Measured mean Dice (floor 0.75): DynUNet 0.84 and SwinUNETR 0.84 after 300 steps, the AutoEncoder 0.76
 # after 300 and 0.83 after 600 (it has no skips: thin CSF comes last).
