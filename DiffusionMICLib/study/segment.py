@@ -222,7 +222,7 @@ def write_reference(ctx: Context) -> None:
 def _fit_diffusion(ctx: Context, folder: Path, patch: list[int] | None = None, **task: Any) -> dict[str, Any]:
     """The bundled recipe at the study's budget; `task` overrides its "task" settings, `patch` its crop."""
     settings = budget_recipe(ctx, RECIPE, QUICK_NETWORK, **task)
-    if patch is not None and not ctx.quick:    # the same steps; the safety stop scaled with the crop's area
+    if patch is not None:     # the same steps; the safety stop scaled with the crop's area
         settings["patch"] = patch
         area = np.prod(patch) / np.prod(RECIPE["patch"])
         settings["train"] = {**settings["train"], "time_limit_s": ctx.budget.time_limit_s * float(area)}

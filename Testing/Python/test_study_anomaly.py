@@ -151,6 +151,12 @@ def test_validation_threshold_and_volume_cut():
     assert an.healthy_above(maps, items, 0.5) == pytest.approx(100 * 2 / 3)       # 0.5 and 0.9 of 3 scored voxels
     assert an.healthy_above(maps, items, None) is None and an.healthy_above(maps, items[1:] * 2, 0.5) is None
     assert an.best_cut([0.1, 0.2, 0.8, 0.9], [False, False, True, True]) == pytest.approx(0.5)
+    # the false-alarm threshold: a third of the healthy case's 3 scored voxels (0.1, 0.5, 0.9) above it;
+    # the lesioned case's map (all 1) does not move it
+    t = an.false_alarm_threshold(maps, items, 1 / 3)
+    assert 0.5 < t < 0.9 and an.healthy_above(maps, items, t) == pytest.approx(100 / 3)
+    assert an.false_alarm_threshold(maps, items, 0.5) == pytest.approx(0.5)
+    assert an.false_alarm_threshold(maps, items[1:] * 2, 0.1) is None
     assert an.volume_auroc([0.1, 0.9], [False, True]) == 1.0 and an.volume_auroc([0.1, 0.9], [True, True]) is None
 
 

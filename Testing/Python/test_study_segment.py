@@ -47,6 +47,8 @@ def test_quick_study_writes_every_method(quick):
     ens1, ens5 = doc["methods"]["diffusion"], doc["methods"]["diffusion-ens5"]
     assert ens5["training"] == ens1["training"] and ens1["training"]["steps"] >= 1     # one model, trained once
     assert not (quick / "segment" / "diffusion-ens5" / "model").exists()
+    wide = json.loads((quick / "segment" / "diffusion-wide" / "model" / "model.json").read_text(encoding="utf-8"))
+    assert wide["patch"] == seg.WIDE_PATCH and doc["methods"]["diffusion-wide-ens5"]["training"]["steps"] >= 1
     assert doc["methods"]["centroid"]["training"] is None
     # the floor's one-hot probabilities: no uncertainty anywhere, so it marks no error better than chance
     assert doc["methods"]["centroid"]["tables"]["phantom"]["uncertainty_auroc"] == pytest.approx(0.5)
