@@ -226,21 +226,24 @@ def dice_at(maps: list[Volume], items: list[dict[str, Any]], threshold: float) -
     return 2.0 * tp / (pred + ref) if pred + ref else None
 
 
+def _healthy_values(maps: list[Volume], items: list[dict[str, Any]]) -> np.ndarray | None:
+    """The healthy cases' map values inside their masks (the scored voxels), pooled; None without any."""
+    healthy = [m.array[i["mask"].array > 0] for m, i in zip(maps, items) if not i["anomalous"]]
+    return np.concatenate(healthy) if healthy else None
+
+
 def healthy_above(maps: list[Volume], items: list[dict[str, Any]], threshold: float | None) -> float | None:
     """Percent of the healthy cases' scored voxels with map >= threshold (false alarms), pooled."""
-    healthy = [(m, i) for m, i in zip(maps, items) if not i["anomalous"]]
-    if threshold is None or not healthy:
+    values = _healthy_values(maps, items)
+    if threshold is None or values is None:
         return None
-    above = sum(int((m.array[i["mask"].array > 0] >= threshold).sum()) for m, i in healthy)
-    return 100.0 * above / sum(int((i["mask"].array > 0).sum()) for _, i in healthy)
+    return 100.0 * int((values >= threshold).sum()) / values.size
 
 
 def false_alarm_threshold(maps: list[Volume], items: list[dict[str, Any]], fraction: float) -> float | None:
     """The map value that `fraction` of the healthy cases' scored voxels exceed (pooled); None without any."""
-    healthy = [m.array[i["mask"].array > 0] for m, i in zip(maps, items) if not i["anomalous"]]
-    if not healthy:
-        return None
-    return float(np.quantile(np.concatenate(healthy), 1.0 - fraction))
+    values = _healthy_values(maps, items)
+    return None if values is None else float(np.quantile(values, 1.0 - fraction))
 
 
 def largest_region(m: Volume, threshold: float) -> float:
