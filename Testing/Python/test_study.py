@@ -123,6 +123,24 @@ def test_denoising_baselines_learn(name, phantom_dir, heldout_dir, tmp_path, one
     assert result.tables["phantom, 5 % noise"]["psnr_gain"] > 0.5, name     # untrained: about -10 dB
 
 
+def test_training_set_with_real_mr(phantom_dir, tmp_path):
+    """The phantom cases (linked, not copied) plus every real training image found, none of which is a
+    test image; the folder reads as a data set and a second call changes nothing."""
+    from DiffusionMICLib.datasets import read_dataset
+    from DiffusionMICLib.study.realmr import real_mr, real_mr_training, training_set_with_real
+    phantom = read_dataset(phantom_dir)
+    ids = [c.id for c in phantom.cases[:2]]
+    real_ids = training_set_with_real(phantom, ids, tmp_path / "mix")
+    again = training_set_with_real(phantom, ids, tmp_path / "mix")
+    mixed = read_dataset(tmp_path / "mix")
+    assert real_ids == again and len(real_ids) == len(real_mr_training())
+    assert sorted(c.id for c in mixed.cases) == sorted(ids + real_ids) and mixed.channels == phantom.channels
+    assert (tmp_path / "mix" / "cleanTr" / f"{ids[0]}_0000.nii.gz").is_symlink()
+    tests = [v.array for _, v in real_mr().values()]
+    for _, volume in real_mr_training().values():
+        assert not any(t.shape == volume.array.shape and np.allclose(t, volume.array) for t in tests)
+
+
 def test_dncnn_is_residual():
     net = DnCNN(5, 1, depth=3, features=8, centre=2)
     torch.nn.init.zeros_(net.body[-1].conv.weight)
