@@ -36,7 +36,7 @@ class ModelCard:
     schedule: dict[str, Any]
     version: str = "0.1.0"
     description: str = ""
-    orientation: str = "RAS"             # array axes of the model's grid
+    orientation: str = "RAS"             # array axes of the model's grid; "acquired": the input's slices (engine.space)
     spacing: list[float] | None = None   # mm (x, y, z); None: the input's own spacing
     normalisation: dict[str, Any] = field(default_factory=lambda: {"method": "percentile", "percentile": 99.5})
     input_range: list[float] | None = None   # training inputs' 0.1-99.9th percentiles / the robust scale

@@ -12,7 +12,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import DiffusionMICError
-from ..volume import Geometry, Volume, orient, resample_spacing, resample_to
+from ..volume import Geometry, Volume, acquired_slices, orient, resample_spacing, resample_to
+
+# A card orientation: the input's acquired slices (volume.acquired_slices), not a fixed anatomical plane.
+ACQUIRED = "acquired"
 
 def foreground(array: np.ndarray) -> np.ndarray:
     """Otsu foreground (robust to a Rician noise floor); the whole array if Otsu finds nothing."""
@@ -63,7 +66,8 @@ class ModelSpace:
     @classmethod
     def enter(cls, volumes: list[Volume], orientation: str = "RAS",
               spacing: list[float] | None = None) -> "ModelSpace":
-        """Reorient (exact) and, if the card fixes a spacing that differs, resample (linear)."""
+        """Reorient (exact; ACQUIRED: the input's acquired slices as axis 0) and, if the card fixes a
+        spacing that differs, resample (linear)."""
         if not volumes:
             raise DiffusionMICError("no input volume given")
         first = volumes[0]
@@ -72,7 +76,8 @@ class ModelSpace:
                 raise DiffusionMICError(f"input {i} is not on the same voxel grid as input 1; resample it first")
         moved = []
         for v in volumes:
-            m = orient(v.with_array(v.array.astype(np.float32)), orientation)
+            m = v.with_array(v.array.astype(np.float32))
+            m = acquired_slices(m) if orientation == ACQUIRED else orient(m, orientation)
             if spacing is not None and not np.allclose(m.geometry.spacing, spacing, rtol=1e-3):
                 m = resample_spacing(m, tuple(spacing))
             moved.append(m)

@@ -186,14 +186,12 @@ def write_reference(ctx: Context) -> None:
 
 # ---- methods --------------------------------------------------------------------------------------
 
-def _fit_diffusion(ctx: Context, folder: Path, *, real: bool = False, context: int | None = None,
+def _fit_diffusion(ctx: Context, folder: Path, *, real: bool = False, recipe: dict[str, Any] | None = None,
                    **task: Any) -> dict[str, Any]:
-    """The bundled recipe at the study's budget; `task` overrides its "task" settings. With `real`,
-    the training cases also hold real MR images (realmr.TRAINING_SOURCES, none of them a test scan);
-    `context` replaces the recipe's neighbouring slices on either side."""
-    settings = budget_recipe(ctx, RECIPE, QUICK_NETWORK, **task)
-    if context is not None:
-        settings["context"] = context
+    """The bundled recipe at the study's budget; `task` overrides its "task" settings and `recipe` its
+    other entries (e.g. "context", "orientation"). With `real`, the training cases also hold real MR
+    images (realmr.TRAINING_SOURCES, none of them a test scan)."""
+    settings = {**budget_recipe(ctx, RECIPE, QUICK_NETWORK, **task), **(recipe or {})}
     data = ctx.data.train_dir
     if real:
         data = folder / "data"
@@ -321,7 +319,7 @@ def methods(quick: bool) -> list[Method]:
         Method("diffusion-residual-real", "Diffusion predicting the correction, trained on the phantom and real MR",
                "diffusion", _eval_diffusion, partial(_fit_diffusion, residual=True, real=True)),
         Method("diffusion-residual-2d", "Diffusion predicting the correction, one slice alone (2D, no neighbours)",
-               "diffusion", _eval_diffusion, partial(_fit_diffusion, residual=True, context=0)),
+               "diffusion", _eval_diffusion, partial(_fit_diffusion, residual=True, recipe={"context": 0})),
         Method("diffusion-adapted", "Diffusion, adapted to each scan (self-supervised)", "diffusion", _eval_adapted,
                note="the diffusion row's model; adaptation time included"),
         Method("diffusion-bundled", "Diffusion, bundled brain-mri-denoise", "diffusion", _eval_bundled,

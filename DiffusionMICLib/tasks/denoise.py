@@ -11,6 +11,10 @@ one more conditioning image, stacked like the noisy image. In training it is eac
 level; at run time `--sigma` (the input's units) or else the input's estimated level
 (`engine.noiselevel.estimate_sigma`, Immerkaer's estimator over the foreground), recorded in
 RunResult.info["sigma"].
+With {"orientation": "acquired"} the 2D model works on each input's acquired slices (array axis 0
+along its largest voxel spacing: a coronal scan of 3 mm slices is denoised coronally) instead of
+axial slices (the default, "RAS"); the phantom it trains on is isotropic and stored axially, so
+training is the same either way.
 With {"task": {"residual": true}} (x0 prediction only) the network's output is added to the noisy
 centre slice (engine.network.ResidualDiffusionUNet): it predicts the correction, not the image.
 The output is in the input's units (the normalisation is inverted).
@@ -106,7 +110,7 @@ class Denoise(Task):
             description=settings.get("description", "Conditional diffusion denoiser for brain MRI (any contrast)."),
             network=network_config(1 + (2 * context + 1) * (2 if noise_map else 1), 1,
                                    **{**settings.get("network", {}), **residual}),
-            context=context, schedule=schedule,
+            context=context, schedule=schedule, orientation=settings.get("orientation", "RAS"),
             normalisation=NORMALISATION, patch=settings.get("patch", [64, 64]),
             sampler={"name": "dpm++2m", "steps": 10, **settings.get("sampler", {})},
             defaults={"strength": 1.0, "ensemble": 1, **settings.get("defaults", {})},

@@ -422,3 +422,31 @@ def test_gamma_and_texture_change_conditioning_and_target_alike(phantom_dir):
     np.testing.assert_allclose(out.target.numpy(), out.cond[:, 1:2].numpy(), atol=1e-5)
     with pytest.raises(DiffusionMICError, match="gamma needs noise_range"):
         task.make_card(ds, {"task": {"gamma": [0.5, 2]}})
+
+
+def test_acquired_orientation_run_returns_the_input_on_its_grid(phantom_dir):
+    """{"orientation": "acquired"} on a coronal scan of thick slices (the plane itself:
+    test_volume's acquired-slices test): an untrained residual model (MONAI zeroes the output layer)
+    returns its input, on the input's grid, through the permuted model space and back."""
+    from DiffusionMICLib.datasets import read_dataset
+    from DiffusionMICLib.engine.network import build_network
+    from DiffusionMICLib.tasks import RunOptions, get_task
+    from DiffusionMICLib.progress import Progress
+    import torch
+    task, ds = get_task("denoise"), read_dataset(phantom_dir)
+    card = task.make_card(ds, {**SETTINGS, "context": 1, "orientation": "acquired",
+                               "task": {"noise_range": [1, 9], "residual": True}})
+    assert card.orientation == "acquired"
+    card.normalisation = {"method": "percentile", "percentile": 50, "value": 0.5}
+    t1 = read_volume(phantom_dir / "imagesTr" / "phantom_000_0000.nii.gz")
+    coronal = Volume(np.ascontiguousarray(t1.array[:, ::2].transpose(1, 0, 2)),       # 4 mm coronal slices first
+                     Geometry((t1.array.shape[2], t1.array.shape[0], t1.array.shape[1] // 2), (2.0, 2.0, 4.0),
+                              (0.0, 0.0, 0.0), (1, 0, 0, 0, 0, 1, 0, -1, 0)))
+    net = build_network(card.network).eval()
+    options = RunOptions(device="cpu", steps=2).with_card_defaults(card)
+    with torch.inference_mode():
+        out = task.run(card, net, [coronal], options, Progress(), torch.device("cpu")).outputs["output"]
+    assert out.geometry.same_as(coronal.geometry, tol=1e-9)
+    inside = out.array != 0                     # the run's foreground box (0 outside it)
+    assert inside.mean() > 0.3
+    np.testing.assert_allclose(out.array[inside], coronal.array[inside], atol=1e-2 * float(coronal.array.max()))

@@ -137,6 +137,21 @@ def test_orient_oblique_round_trip():
                                   volume.array)
 
 
+def test_acquired_slices_put_the_thickest_axis_first_and_go_back_exactly():
+    from DiffusionMICLib.engine.space import ACQUIRED, ModelSpace
+    rng = np.random.default_rng(0)
+    array = rng.random((5, 6, 7)).astype(np.float32)        # (z, y, x); y has 3 mm voxels
+    volume = Volume(array, Geometry((7, 6, 5), (2.0, 3.0, 2.0), (1.0, 2.0, 3.0), (0, 0, 1, 1, 0, 0, 0, 1, 0)))
+    space = ModelSpace.enter([volume], ACQUIRED)
+    np.testing.assert_array_equal(space.arrays[0], array.transpose(1, 0, 2))   # slices along y
+    assert space.model_grid.geometry.spacing == (2.0, 2.0, 3.0)
+    back = space.leave(space.arrays[0])
+    assert back.geometry.same_as(volume.geometry, tol=1e-9)
+    np.testing.assert_allclose(back.array, array, atol=1e-6)
+    iso = Volume(array, Geometry((7, 6, 5), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    np.testing.assert_array_equal(ModelSpace.enter([iso], ACQUIRED).arrays[0], array)   # ties: stored slices
+
+
 def test_resample_to_own_grid_and_spacing():
     volume = make_volume()
     same = resample_to(volume, volume.geometry)
