@@ -42,7 +42,7 @@ NOTES = [
     "score about 20 log10(added / own): for a 2.6-2.9 % image about -9 dB at 1 %, +0.5 dB at 3 %, +5 dB at 5 % "
     "and +10 dB at 9 %. At 1-3 % the real-MR tables reward leaving noise in, not removing it.",
     "Learned methods see the same training pairs: the training subjects' clean T1/T2/PD/FLAIR with fresh "
-    "Rician noise of 1-9 % per crop, two neighbouring slices on either side (2.5D), 48 x 48 crops.",
+    "Rician noise of 1-9 % per crop, two neighbouring slices on either side (2.5D; the 2D row: none), 48 x 48 crops.",
     "Crops varied in contrast and fine detail (the three rows so named): before the noise, each clean crop's [0, 1] "
     "intensities x -> 0.5 (x / 0.5)^g, g log-uniform in [0.5, 2] (real scans' fat and CSF reach 2-3 times the "
     "median, the phantom's 1.2), times 1 + a T, a uniform in [0, 0.2], T a unit Gaussian random field smoothed "
@@ -68,8 +68,9 @@ NOTES = [
     "not packaged). It takes up to a minute per volume on this CPU, so it runs at 5 and 9 % noise only.",
 ]
 
-# The recipe of the bundled brain-mri-denoise (Resources/Models/brain-mri-denoise/train.json),
-# with the study's budget instead of its 5000 steps.
+# The recipe of the bundled brain-mri-denoise (Resources/Models/brain-mri-denoise/train.json) until
+# 2026-12-02, 2.5D, with the study's budget instead of its 5000 steps; every row starts from it. The
+# bundled model is now the diffusion-residual-2d row's recipe (one slice alone, acquired slices).
 RECIPE: dict[str, Any] = {
     "task": {"noise_range": [1, 9]},
     "network": {"channels": [32, 64], "attention_levels": [False, False], "norm_num_groups": 16},
