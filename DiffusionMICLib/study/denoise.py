@@ -48,6 +48,8 @@ NOTES = [
     "median, the phantom's 1.2), times 1 + a T, a uniform in [0, 0.2], T a unit Gaussian random field smoothed "
     "in-plane by 0.5-1.5 voxels and shared by the stacked neighbours (detail finer than the phantom's MNI152 "
     "anatomy, which the model must keep; noise is independent between slices).",
+    "2D, crops varied in contrast (the row so named): the 2D residual row with the gamma remapping above "
+    "and no texture (a single slice cannot tell a texture from noise by its neighbours).",
     "Diffusion predicting the correction (residual): the diffusion row's recipe with the network's x0 "
     "output added to the noisy centre slice (DnCNN's residual learning): intensities outside the phantom's "
     "range pass through instead of being mapped into it.",
@@ -321,6 +323,9 @@ def methods(quick: bool) -> list[Method]:
                "diffusion", _eval_diffusion, partial(_fit_diffusion, residual=True, real=True)),
         Method("diffusion-residual-2d", "Diffusion predicting the correction, one slice alone (2D, no neighbours)",
                "diffusion", _eval_diffusion, partial(_fit_diffusion, residual=True, recipe={"context": 0})),
+        Method("diffusion-residual-2d-gamma", "Diffusion predicting the correction, 2D, crops varied in contrast",
+               "diffusion", _eval_diffusion, partial(_fit_diffusion, residual=True, recipe={"context": 0},
+                                                     gamma=VARIED["gamma"])),
         Method("diffusion-adapted", "Diffusion, adapted to each scan (self-supervised)", "diffusion", _eval_adapted,
                note="the diffusion row's model; adaptation time included"),
         Method("diffusion-bundled", "Diffusion, bundled brain-mri-denoise", "diffusion", _eval_bundled,
