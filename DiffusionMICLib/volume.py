@@ -284,9 +284,12 @@ def orient(volume: Volume, code: str = "RAS") -> Volume:
 def acquired_slices(volume: Volume) -> Volume:
     """The axes permuted (no flips, no interpolation) so that array axis 0 runs along the largest
     voxel spacing: a 2D model then works on the acquired slices (a coronal scan of 3 mm slices,
-    coronally). Ties keep the stored slice axis."""
-    spacing = volume.geometry.spacing
-    thick = 2 if spacing[2] >= max(spacing) * (1 - 1e-3) else int(np.argmax(spacing))
+    coronally). Ties keep the stored slice axis; a single image (an axis of one voxel) is its own slice."""
+    spacing, size = volume.geometry.spacing, volume.geometry.size
+    if 1 in size:
+        thick = 2 if size[2] == 1 else size.index(1)
+    else:
+        thick = 2 if spacing[2] >= max(spacing) * (1 - 1e-3) else int(np.argmax(spacing))
     if thick == 2:
         return volume
     return Volume.from_sitk(sitk.PermuteAxes(volume.to_sitk(), [a for a in (0, 1, 2) if a != thick] + [thick]))

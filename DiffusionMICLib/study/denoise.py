@@ -232,8 +232,8 @@ def _eval_adapted(ctx: Context, folder: Path) -> Evaluation:
     return evaluation
 
 
-def _eval_bundled(ctx: Context, folder: Path) -> Evaluation:
-    return _evaluate(ctx, _model_denoiser(ctx, "brain-mri-denoise"))
+def _eval_bundled(name: str) -> Callable[[Context, Path], Evaluation]:
+    return lambda ctx, folder: _evaluate(ctx, _model_denoiser(ctx, name))
 
 
 def _baseline_fit(kind: str, spec: Callable[[Any], dict[str, Any]], **task: Any):
@@ -328,8 +328,10 @@ def methods(quick: bool) -> list[Method]:
                                                      gamma=VARIED["gamma"])),
         Method("diffusion-adapted", "Diffusion, adapted to each scan (self-supervised)", "diffusion", _eval_adapted,
                note="the diffusion row's model; adaptation time included"),
-        Method("diffusion-bundled", "Diffusion, bundled brain-mri-denoise", "diffusion", _eval_bundled,
+        Method("diffusion-bundled", "Diffusion, bundled brain-mri-denoise", "diffusion", _eval_bundled("brain-mri-denoise"),
                note=bundled_note("brain-mri-denoise")),
+        Method("diffusion-bundled-2d", "Diffusion, bundled brain-mri-denoise-2d (each slice alone)", "diffusion",
+               _eval_bundled("brain-mri-denoise-2d"), note=bundled_note("brain-mri-denoise-2d")),
         Method("unet", "UNet regression (same network, MSE)", "learned", _eval_baseline,
                _baseline_fit("diffusion-unet", _unet_spec)),
         Method("diffusion-varied", "Diffusion, crops varied in contrast and fine detail", "diffusion",

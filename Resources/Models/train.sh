@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Retrain the bundled models from scratch on phantom data and copy them into Resources/Models/.
-#   Resources/Models/train.sh [NAME ...]          (default: all seven, one after another)
+#   Resources/Models/train.sh [NAME ...]          (default: all eight, one after another)
 # Training data: 12 phantom subjects from seed 100 (2 mm, 5 % noise); the held-out metrics written
 # into each card come from 4 subjects of seed 9001 (`diffusion-mic models evaluate`), which training
 # never sees. Each model's settings, including its time limit on a 2-core CPU, are in
@@ -10,11 +10,11 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 DMIC=${DMIC:-.venv/bin/diffusion-mic}
 WORK=${WORK:-models-work}
-declare -A TASK=([brain-mri-denoise]=denoise [brain-mri-t1t2-to-flair]=translate
+declare -A TASK=([brain-mri-denoise]=denoise [brain-mri-denoise-2d]=denoise [brain-mri-t1t2-to-flair]=translate
                  [brain-mri-lesion-segment]=segment [brain-mri-anomaly]=anomaly [brain-mri-generate]=generate
                  [brain-mri-labels-to-mri]=generate)
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=(brain-mri-denoise brain-mri-t1t2-to-flair brain-mri-anomaly brain-mri-lesion-segment brain-mri-generate brain-mri-labels-to-mri brain-mri-generate-2mm)
+[ ${#names[@]} -gt 0 ] || names=(brain-mri-denoise brain-mri-denoise-2d brain-mri-t1t2-to-flair brain-mri-anomaly brain-mri-lesion-segment brain-mri-generate brain-mri-labels-to-mri brain-mri-generate-2mm)
 [ -f "$WORK/data/train/dataset.json" ] || "$DMIC" phantom "$WORK/data/train" --subjects 12 --seed 100 --noise 5 --progress none >/dev/null
 [ -f "$WORK/data/heldout/dataset.json" ] || "$DMIC" phantom "$WORK/data/heldout" --subjects 4 --seed 9001 --noise 5 --progress none >/dev/null
 for name in "${names[@]}"; do

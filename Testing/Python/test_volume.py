@@ -150,6 +150,8 @@ def test_acquired_slices_put_the_thickest_axis_first_and_go_back_exactly():
     np.testing.assert_allclose(back.array, array, atol=1e-6)
     iso = Volume(array, Geometry((7, 6, 5), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
     np.testing.assert_array_equal(ModelSpace.enter([iso], ACQUIRED).arrays[0], array)   # ties: stored slices
+    image = Volume(array[:1], Geometry((7, 6, 1), (2.0, 2.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    np.testing.assert_array_equal(ModelSpace.enter([image], ACQUIRED).arrays[0], array[:1])   # one image: its slice
 
 
 def test_resample_to_own_grid_and_spacing():
