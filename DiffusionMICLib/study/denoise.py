@@ -70,9 +70,10 @@ NOTES = [
     "not packaged). It takes up to a minute per volume on this CPU, so it runs at 5 and 9 % noise only.",
 ]
 
-# The recipe of the bundled brain-mri-denoise (Resources/Models/brain-mri-denoise/train.json) until
-# 2026-12-02, 2.5D, with the study's budget instead of its 5000 steps; every row starts from it. The
-# bundled model is now the diffusion-residual-2d row's recipe (one slice alone, acquired slices).
+# The recipe of the bundled brain-mri-denoise (Resources/Models/brain-mri-denoise/train.json) as it
+# was before it cut inputs along their acquired slices (the same training on the axially stored
+# phantom), with the study's budget instead of its 5000 steps; every row starts from it.
+# brain-mri-denoise-2d is the diffusion-residual-2d row's recipe at 5000 steps.
 RECIPE: dict[str, Any] = {
     "task": {"noise_range": [1, 9]},
     "network": {"channels": [32, 64], "attention_levels": [False, False], "norm_num_groups": 16},

@@ -39,8 +39,8 @@ def _array_volume(array: np.ndarray, spacing: tuple[float, float, float]) -> Vol
     return Volume(np.ascontiguousarray(a), geometry)
 
 
-def _itk_t1() -> Volume | None:
-    path = ITK_DATA / "KmeansTest_T1UCharRaw.nii.gz"
+def _itk_image(name: str) -> Volume | None:
+    path = ITK_DATA / name
     return read_volume(path) if path.is_file() else None
 
 
@@ -79,7 +79,8 @@ def _pydicom_head() -> Volume | None:
 
 
 SOURCES: dict[str, tuple[str, Callable[[], Volume | None]]] = {
-    "itk-t1": ("T1 head volume, 128 x 128 x 62 at 2 x 2 x 3 mm (Debian insighttoolkit5-examples)", _itk_t1),
+    "itk-t1": ("T1 head volume, 128 x 128 x 62 at 2 x 2 x 3 mm (Debian insighttoolkit5-examples)",
+               partial(_itk_image, "KmeansTest_T1UCharRaw.nii.gz")),
     "dipy-t1": ("T1 coronal slice, 256 x 256 (dipy wheel)", _dipy_t1_slice),
     "dipy-b0": ("b = 0 (T2-weighted) brain, 128 x 128 x 10 at 2 mm (dipy wheel)", _dipy_b0),
     "pydicom-head": ("head MR, 10 x 64 x 64 (pydicom-data)", _pydicom_head),
@@ -105,11 +106,6 @@ def real_mr() -> dict[str, tuple[str, Volume]]:
 
 # ---- training images: real anatomy (skull, scalp, fat, fine detail), none of them a test scan above or
 # another view of one (dipy's aniso_vox / ascm_out_test may be S0_10slices' subject: left out) --------
-
-def _itk_image(name: str) -> Volume | None:
-    path = ITK_DATA / name
-    return read_volume(path) if path.is_file() else None
-
 
 def _pydicom_image(name: str, spacing_mm: float | None = None) -> Volume | None:
     """A pydicom-data image; with spacing_mm, resampled in-plane to it (anti-aliased)."""
