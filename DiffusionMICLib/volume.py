@@ -320,7 +320,10 @@ def onto_grid(volume: Volume, grid: Geometry) -> np.ndarray:
 def resample_spacing(volume: Volume, spacing: tuple[float, float, float], *,
                      interpolation: str = "linear") -> Volume:
     """Resample to a new voxel spacing, keeping origin, direction and physical extent."""
-    g = volume.geometry
+    return resample_to(volume, spacing_grid(volume.geometry, spacing), interpolation=interpolation)
+
+
+def spacing_grid(g: Geometry, spacing: tuple[float, float, float]) -> Geometry:
+    """The grid of `g`'s origin, direction and physical extent at a new voxel spacing."""
     size = tuple(max(1, round(n * s / t)) for n, s, t in zip(g.size, g.spacing, spacing))
-    target = Geometry(size, tuple(float(t) for t in spacing), g.origin, g.direction)
-    return resample_to(volume, target, interpolation=interpolation)
+    return Geometry(size, tuple(float(t) for t in spacing), g.origin, g.direction)

@@ -18,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..datasets import Dataset
-from ..volume import Geometry, Volume, onto_grid, read_volume, resample_spacing, write_volume
+from ..volume import Geometry, Volume, onto_grid, read_volume, spacing_grid, write_volume
 
 ITK_DATA = Path("/usr/share/doc/insighttoolkit5-examples/examples/Data")
 
@@ -60,18 +60,9 @@ def _dipy_b0() -> Volume | None:
     return _array_volume(np.transpose(a, (2, 1, 0)), tuple(float(z) for z in image.header.get_zooms()[:3]))
 
 
-def _pydicom_file(name: str) -> Path | None:
-    """A file of pydicom-data (import name data_store)."""
-    spec = importlib.util.find_spec("data_store")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0], "data", name)
-    return path if path.is_file() else None
-
-
 def _pydicom_head() -> Volume | None:
     """pydicom-data's emri_small.dcm: 10 frames of a 64 x 64 head MR."""
-    path = _pydicom_file("emri_small.dcm")
+    path = _package_file("data_store", "data", "emri_small.dcm")
     if path is None:
         return None
     image = sitk.ReadImage(str(path))
@@ -109,15 +100,14 @@ def real_mr() -> dict[str, tuple[str, Volume]]:
 
 def _pydicom_image(name: str, spacing_mm: float | None = None) -> Volume | None:
     """A pydicom-data image; with spacing_mm, resampled in-plane to it (anti-aliased)."""
-    path = _pydicom_file(name)
+    path = _package_file("data_store", "data", name)
     if path is None:
         return None
     volume = read_volume(path)
     volume = volume.with_array(volume.array.astype(np.float32))
     if spacing_mm is None:
         return volume
-    z = volume.geometry.spacing[2]
-    grid = resample_spacing(volume, (spacing_mm, spacing_mm, z)).geometry
+    grid = spacing_grid(volume.geometry, (spacing_mm, spacing_mm, volume.geometry.spacing[2]))
     return Volume(onto_grid(volume, grid), grid)
 
 
