@@ -163,10 +163,14 @@ def _item(ctx: Context, case: Case, part: str) -> dict[str, Any]:
     brain = brain_mask(flair.array[None].astype(np.float32)) | lesion
     z = largest_slice(lesion if lesion.any() else brain)
     volumes = [label.with_array(lesion.astype(np.uint8)), label.with_array(brain.astype(np.uint8)), *images]
+    slices = (0, flair.array.shape[0])
     if ctx.quick:
+        centre = z
         volumes, z = cut_slab(volumes, z, QUICK_DEPTH)
+        slices = (centre - z, centre - z + QUICK_DEPTH)
     channels = dict(zip(JOINT, volumes[2:]))
-    return {"id": case.id, "key": f"{part}/{case.id}", "test": part.startswith("test"), "channels": channels, "lesion": volumes[0], "mask": volumes[1], "z": z,
+    return {"id": case.id, "key": f"{part}/{case.id}", "test": part.startswith("test"), "channels": channels,
+            "lesion": volumes[0], "mask": volumes[1], "z": z, "slices": slices,
             "anomalous": bool(volumes[0].array.any())}
 
 
@@ -455,10 +459,13 @@ def _eval_floor(variant: str):
 # ---- normative maps: each voxel's value against healthy subjects' at the same place ------------------
 
 def normative_cohort(ctx: Context) -> list[dict[str, Volume]]:
-    """Healthy acquired subjects that nothing trains or is tested on (whole volumes, also in quick studies)."""
+    """Healthy acquired subjects that nothing trains or is tested on: whole volumes, or in a quick study
+    the axial slices that span every case's slab (the maps cost time per slice)."""
     if "normative" not in ctx.cache:
         n = NORMATIVE_SUBJECTS[ctx.quick]
-        ctx.cache["normative"] = [{ch: c.read(ch) for ch in JOINT}
+        spans = [i["slices"] for bench in cases(ctx).values() for part in bench.values() for i in part]
+        lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+        ctx.cache["normative"] = [{ch: Volume.from_sitk(c.read(ch).to_sitk()[:, :, lo:hi]) for ch in JOINT}
                                   for c in _phantom(ctx, "normative-healthy", NORMATIVE_SEED, n, 0)]
     return ctx.cache["normative"]
 

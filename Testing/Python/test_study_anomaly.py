@@ -34,7 +34,7 @@ def quick(tmp_path_factory):
 
 
 def test_quick_study_writes_every_method(quick):
-    """The quick study (its fixture) took 42 s here on a quiet 2-core machine, one torch thread."""
+    """The quick study (its fixture) took 145 s here on a quiet 2-core machine, one torch thread."""
     doc = json.loads((quick / "anomaly.json").read_text(encoding="utf-8"))
     assert list(doc["methods"]) == METHODS and doc["quick"] is True
     assert doc["data"]["test-healthy"]["lesions"] == 0 and doc["data"]["validation"]["lesions"] == 3

@@ -2,6 +2,8 @@
 family is a real model that learns (beats the nearest-centroid floor on a tiny problem); bad
 input fails with one line and writes nothing."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -33,7 +35,7 @@ def quick(tmp_path_factory):
 
 
 def test_quick_study_writes_every_method(quick):
-    """The quick study (its fixture) took 31 s here on a quiet 2-core machine, one torch thread."""
+    """The quick study (its fixture) took 103 s here on a quiet 2-core machine, one torch thread (nnU-Net about 60 s of it)."""
     doc = json.loads((quick / "segment.json").read_text(encoding="utf-8"))
     assert list(doc["methods"]) == METHODS and doc["quick"] is True
     keys = [c["key"] for c in doc["columns"]]
@@ -78,6 +80,20 @@ def test_nnunet_raw_layout_has_consecutive_labels(tmp_path):
     assert meta["channel_names"] == {"0": "T1", "1": "FLAIR"} and meta["numTraining"] == 1
     assert set(np.unique(read_volume(root / "labelsTr" / "c1.nii.gz").array)) == {0, 1, 2}
     assert read_volume(root / "imagesTr" / "c1_0001.nii.gz").array.max() == 1.0
+
+
+@pytest.mark.skipif(not HAVE_NNUNET, reason="nnunetv2 not installed")
+@pytest.mark.parametrize("channels, expected", [(["T1", "FLAIR"], "MRFingerprintExtractor"),
+                                                (["CT", "T1"], "DatasetFingerprintExtractor")])
+def test_nnunet_fingerprint_samples_fewer_intensities_only_without_ct(tmp_path, channels, expected):
+    """CT normalisation needs nnU-Net's 10^8 sampled intensities; MR channels get the faster extractor."""
+    grid = Volume(np.ones((2, 3, 4), np.float32), Geometry((4, 3, 2), (2.0, 2.0, 2.0), (0, 0, 0), tuple(np.eye(3).ravel())))
+    nnunet.write_raw(tmp_path, [("c1", [grid, grid], grid.with_array(np.zeros((2, 3, 4), np.uint8)))], channels,
+                     {"background": 0})
+    code = "from DiffusionMICLib.study import nnunet as n; print(n._fingerprint_extractor().__name__)"
+    done = subprocess.run([sys.executable, "-c", code], env=nnunet.environment(tmp_path, 1), capture_output=True,
+                          text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == expected
     assert nnunet.schedule(1500) == (250, 6) and nnunet.schedule(12) == (12, 1) and nnunet.schedule(300) == (150, 2)
     assert nnunet.schedule(1001) == (201, 5)
 
