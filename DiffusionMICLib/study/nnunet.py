@@ -125,8 +125,8 @@ def _plan_and_preprocess(batch_size: int) -> dict[str, Any]:
 
 def _fingerprint_extractor() -> type:
     """nnU-Net's fingerprint extractor; without CT channels, one that samples 10^6 foreground
-    intensities instead of its 10^8. Those samples only set CT normalisation (MR channels are
-    z-scored per image, the plans are the same); the 10^8, pickled back from its worker, took
+    intensities instead of its 10^8. Those samples only set CT normalisation (MR channels are z-scored
+    per image and do not read them); the 10^8, pickled back from its worker, took
     about 70 s of every run here whatever the number of cases."""
     from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
     from nnunetv2.preprocessing.normalization.default_normalization_schemes import CTNormalization
