@@ -137,7 +137,8 @@ def _fingerprint_extractor() -> type:
             super().__init__(*args, **kwargs)
             self.num_foreground_voxels_for_intensitystats = 1e6
 
-    names = DatasetFingerprintExtractor(DATASET_ID, 1).dataset_json["channel_names"].values()
+    from nnunetv2.paths import nnUNet_raw
+    names = json.loads((Path(nnUNet_raw) / DATASET / "dataset.json").read_text())["channel_names"].values()
     if any(issubclass(get_normalization_scheme(n), CTNormalization) for n in names):
         return DatasetFingerprintExtractor
     return MRFingerprintExtractor

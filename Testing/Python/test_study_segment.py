@@ -80,6 +80,8 @@ def test_nnunet_raw_layout_has_consecutive_labels(tmp_path):
     assert meta["channel_names"] == {"0": "T1", "1": "FLAIR"} and meta["numTraining"] == 1
     assert set(np.unique(read_volume(root / "labelsTr" / "c1.nii.gz").array)) == {0, 1, 2}
     assert read_volume(root / "imagesTr" / "c1_0001.nii.gz").array.max() == 1.0
+    assert nnunet.schedule(1500) == (250, 6) and nnunet.schedule(12) == (12, 1) and nnunet.schedule(300) == (150, 2)
+    assert nnunet.schedule(1001) == (201, 5)
 
 
 @pytest.mark.skipif(not HAVE_NNUNET, reason="nnunetv2 not installed")
@@ -94,8 +96,6 @@ def test_nnunet_fingerprint_samples_fewer_intensities_only_without_ct(tmp_path, 
     done = subprocess.run([sys.executable, "-c", code], env=nnunet.environment(tmp_path, 1), capture_output=True,
                           text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == expected
-    assert nnunet.schedule(1500) == (250, 6) and nnunet.schedule(12) == (12, 1) and nnunet.schedule(300) == (150, 2)
-    assert nnunet.schedule(1001) == (201, 5)
 
 
 def test_nnunet_row_listed_only_where_nnunetv2_runs(monkeypatch):
