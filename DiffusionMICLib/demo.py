@@ -46,8 +46,9 @@ def main(out: Path, progress: Progress | None = None, device: str = "auto") -> d
         t = time.perf_counter()
         if task == "generate":
             outcome = heldout.generate(model, [case], progress, count=2, device=device)
-        elif task == "from-labels":
-            outcome = heldout.from_labels(model, case, progress, device=device)
+        elif task == "from-labels":     # the segment task's result on the real images is reused
+            outcome = heldout.from_labels(model, case, progress, segmenter=BUNDLED["segment"],
+                                          real_segmentation=outcomes["segment"].outputs["segmentation"], device=device)
         else:
             outcome = heldout.RUNNERS[task](model, case, progress, device=device)
         for stem, volume in outcome.outputs.items():

@@ -176,10 +176,11 @@ def generate(model: str | Path, cases: list[Case], progress: Progress, count: in
 
 
 def from_labels(model: str | Path, case: Case, progress: Progress, segmenter: str = SEGMENTER,
-                **options: Any) -> Outcome:
+                real_segmentation: Volume | None = None, **options: Any) -> Outcome:
     """Images drawn for the case's label map: each tissue's median against the case's own images
     (both in units of their robust scale), and whether `segmenter` recovers the labels from them
-    (its Dice on the drawn images next to its Dice on the real ones)."""
+    (its Dice on the drawn images next to its Dice on the real ones; `real_segmentation`: its
+    output on the real images where already computed, so that it is not run twice)."""
     card = read_card(resolve_model(model))
     reference = case.read_label()
     labels = np.rint(reference.array).astype(int)
@@ -195,11 +196,13 @@ def from_labels(model: str | Path, case: Case, progress: Progress, segmenter: st
                                                   for ch in card.outputs}}
     seg_card = read_card(resolve_model(segmenter))
     if set(seg_card.inputs) <= set(card.outputs):
-        def dice(images: dict[str, Volume]) -> dict[str, float]:
-            out = api.segment([images[ch] for ch in seg_card.inputs], segmenter, progress=progress).outputs["output"]
+        def dice(images: dict[str, Volume], out: Volume | None = None) -> dict[str, float]:
+            if out is None:
+                out = api.segment([images[ch] for ch in seg_card.inputs], segmenter, progress=progress).outputs["output"]
             per = segmentation_metrics(out, reference, seg_card.labels)["labels"]
             return {name: per[name]["dice"] for name in tissues if name in per}
-        metrics["segmenter"] = {"model": segmenter, "dice_drawn": dice(drawn), "dice_real": dice(real)}
+        metrics["segmenter"] = {"model": segmenter, "dice_drawn": dice(drawn),
+                                "dice_real": dice(real, real_segmentation)}
     shown = "FLAIR" if "FLAIR" in card.outputs else card.outputs[0]
     return Outcome({f"from-labels-{ch}": v for ch, v in drawn.items()}, metrics,
                    [Panel("label map", reference, "labels"), Panel(f"drawn {card.outputs[0]}", drawn[card.outputs[0]]),

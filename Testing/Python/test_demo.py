@@ -65,3 +65,5 @@ def test_bundled_models_reach_their_targets_on_the_demo_subject(demo_out):
     assert tail["lesion samples"] >= 0.5 * tail["real lesion"] and tail["healthy samples"] <= 2 * tail["real healthy"]
     drawn = m["from-labels"]["segmenter"]["dice_drawn"]     # images drawn for the subject's own label map
     assert min(drawn[t] for t in ("CSF", "GM", "WM")) >= 0.85
+    real = m["from-labels"]["segmenter"]["dice_real"]       # the segment task's result, reused
+    assert real and all(real[t] == pytest.approx(dice[t]) for t in real)
