@@ -30,9 +30,10 @@ nnunet:
 demo: venv
 	$(VENV)/bin/diffusion-mic demo --out demo-out
 
-# Two pytest-xdist workers, one per core, each given whole test files (module fixtures are built once).
+# Two pytest-xdist workers, one per core, each given whole test files (module fixtures are built once),
+# the slowest files first (Testing/Python/conftest.py orders them; xdist would reorder by test count).
 test: venv
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow

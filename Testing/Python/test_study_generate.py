@@ -72,7 +72,6 @@ def test_data_without_flair_writes_nothing(tmp_path: Path):
     assert not out.exists()
 
 
-@pytest.mark.slow
 def test_quick_study_has_every_row(tmp_path_factory, one_thread):
     """`study generate --quick`: every method, one table per channel, the figure."""
     out = tmp_path_factory.mktemp("quick")

@@ -104,7 +104,6 @@ def test_data_without_the_channels_writes_nothing(tmp_path: Path):
     assert not out.exists()
 
 
-@pytest.mark.slow
 def test_quick_study_has_every_row(tmp_path_factory):
     """`study translate --quick`: every method in every direction (the bundled model in its own), JSON, MD, PNG."""
     out = tmp_path_factory.mktemp("quick")
