@@ -138,7 +138,7 @@ def _fingerprint_extractor() -> type:
             self.num_foreground_voxels_for_intensitystats = 1e6
 
     from nnunetv2.paths import nnUNet_raw
-    names = json.loads((Path(nnUNet_raw) / DATASET / "dataset.json").read_text())["channel_names"].values()
+    names = json.loads((Path(nnUNet_raw) / DATASET / "dataset.json").read_text(encoding="utf-8"))["channel_names"].values()
     if any(issubclass(get_normalization_scheme(n), CTNormalization) for n in names):
         return DatasetFingerprintExtractor
     return MRFingerprintExtractor
