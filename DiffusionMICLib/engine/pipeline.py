@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from ..datasets import read_dataset
 from ..errors import DiffusionMICError
@@ -19,7 +21,7 @@ from ..volume import Volume, read_volume, write_volume
 from .batches import TrainingCase, random_batches
 from .inference import stack_neighbours
 from .lora import add_lora, merge_lora, parameter_counts
-from .latent import LatentModel, build_model, prepare
+from .latent import RECORD, WEIGHTS, LatentModel, build_model, prepare
 from .sampling import select_device
 from .space import scaled_range
 from .trainer import TrainConfig, Trainer
@@ -92,6 +94,35 @@ def start_from(network: torch.nn.Module, model: str | Path) -> dict[str, Any]:
     return {"model": card.name, "sha256": card.sha256}
 
 
+def autoencoder_source(settings: dict[str, Any]) -> tuple[ModelCard, LatentModel] | None:
+    """The trained latent model whose autoencoder a new one reuses (settings "autoencoder":
+    {"from": MODEL}), loaded and hash-checked; None when the autoencoder is trained here."""
+    spec = settings.get("autoencoder")
+    if not isinstance(spec, dict) or "from" not in spec:
+        return None
+    if set(spec) != {"from"}:
+        raise DiffusionMICError("'autoencoder': {\"from\": MODEL} reuses that model's autoencoder as it is; "
+                                f"drop the other settings ({', '.join(sorted(set(spec) - {'from'}))})")
+    card, network = load_model(spec["from"])
+    if not isinstance(network, LatentModel):
+        raise DiffusionMICError(f"'autoencoder' from model '{card.name}': it is not a latent diffusion model")
+    return card, network
+
+
+def adopt_autoencoder(source: tuple[ModelCard, LatentModel], folder: Path) -> None:
+    """Write the source model's autoencoder into folder as a finished stage 1 (once): its weights,
+    then its training record (last: it marks the stage finished), naming the model it came from."""
+    if (folder / RECORD).is_file():
+        return
+    card, network = source
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{WEIGHTS}.tmp"
+    save_file({k: v.contiguous() for k, v in network.autoencoder.state_dict().items()}, str(tmp))
+    os.replace(tmp, folder / WEIGHTS)
+    record = {**card.latent["training"], "from": {"model": card.name, "sha256": card.sha256}}
+    (folder / RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
 def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[str, Any] | None = None,
           max_steps: int | None = None, device: str = "auto", progress: Progress | None = None,
           resume: bool = True, base: tuple[ModelCard, torch.nn.Module] | None = None,
@@ -110,12 +141,20 @@ def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[s
         cases = [c for c in cases if c.id in set(settings["cases"])]
     if not cases:
         raise DiffusionMICError(f"no training cases left in '{data}'")
+    source = None
     if base is not None:
         card, network = base
         finetuned = {"base_model": card.name, "base_sha256": card.sha256, "lora_rank": lora_rank}
         card = ModelCard.from_dict({**card.to_dict(), "metrics": {}, "sha256": ""})
     else:
+        source = autoencoder_source(settings)
+        if source is not None:      # the card's autoencoder and stage-1 settings are the source's
+            latent = source[0].latent
+            settings["autoencoder"] = {**latent["stage1"], "network": latent["autoencoder"]}
         card = task.make_card(dataset, settings)
+        if source is not None and card.latent["autoencoder"]["in_channels"] != latent["autoencoder"]["in_channels"]:
+            raise DiffusionMICError(f"'autoencoder' from model '{source[0].name}' encodes "
+                                    f"{', '.join(source[0].outputs)}; this model generates {', '.join(card.outputs)}")
         if "autoencoder" in settings and not card.latent:
             raise DiffusionMICError(f"'autoencoder' settings (latent diffusion) are for whole-volume generation "
                                     f"models only, not {task_name} models")
@@ -138,6 +177,8 @@ def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[s
     progress.advance(len(cases))
     out = Path(out)
     if card.latent:     # stage 1 (the autoencoder), then the UNet learns the cases' latents
+        if source is not None:
+            adopt_autoencoder(source, out / "autoencoder")
         training_cases = prepare(card.latent, network, training_cases, out / "autoencoder", card.noise_schedule,
                                  dev, progress)
     if base is not None:

@@ -95,6 +95,48 @@ def test_resume_keeps_the_finished_autoencoder(model, phantom_dir):
             assert torch.equal(net.autoencoder.state_dict()[key], f.get_tensor(key))
 
 
+def test_a_new_unet_over_a_trained_models_autoencoder(model, phantom_dir, tmp_path):
+    """"autoencoder": {"from": MODEL}: no stage 1; the new model's autoencoder is the source's,
+    tensor for tensor (so its latents and scale factor are too), its card names the source, and the
+    source model is left as it was."""
+    before = (model / "model.safetensors").read_bytes()
+    settings = {**SETTINGS, "network": {"channels": [32, 32], "norm_num_groups": 16},
+                "autoencoder": {"from": str(model)}}
+    out = tmp_path / "wider"
+    card = train("generate", phantom_dir, out, max_steps=2, settings=settings)
+    source_card, source = load_model(model)
+    _, net = load_model(out)
+    assert card.network["channels"] == [32, 32] and card.training["steps"] == 2
+    assert card.latent["autoencoder"] == source_card.latent["autoencoder"]
+    assert card.latent["stage1"] == source_card.latent["stage1"]
+    assert card.latent["scale_factor"] == source_card.latent["scale_factor"]
+    assert card.latent["training"]["from"] == {"model": source_card.name, "sha256": source_card.sha256}
+    mine = net.autoencoder.state_dict()
+    for key, value in source.autoencoder.state_dict().items():
+        assert torch.equal(mine[key], value), key
+    assert not (out / "autoencoder" / "checkpoint").exists()          # nothing trained in stage 1
+    assert (model / "model.safetensors").read_bytes() == before
+
+
+def test_autoencoder_from_a_model_that_does_not_fit_one_line_and_nothing_written(model, phantom_dir, tmp_path,
+                                                                                    capsys):
+    for name, autoencoder, message in [
+            ("channels", {"from": str(model)}, "encodes T1, FLAIR; this model generates T1"),
+            ("extra", {"from": str(model), "patch": [8, 8, 8]}, "drop the other settings (patch)"),
+            ("missing", {"from": str(tmp_path / "nowhere")}, "no model folder or catalog entry")]:
+        settings = {**SETTINGS, "autoencoder": autoencoder}
+        if name == "channels":
+            settings["task"] = {**SETTINGS["task"], "channels": ["T1"]}
+        config = tmp_path / f"{name}.json"
+        config.write_text(json.dumps(settings), encoding="utf-8")
+        out = tmp_path / f"out-{name}"
+        assert cli_main(["train", "generate", "--data", str(phantom_dir), "--out", str(out), "--config", str(config),
+                         "--max-steps", "1", "--progress", "none"]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not out.exists()
+
+
 def test_autoencoder_learns_the_anatomy(phantom_dir, tmp_path):
     """200 steps of 24^3 crops at 4 mm (about 25 s): the brain's reconstruction error falls below
     60 % of the error of its mean intensity (what an autoencoder that learned only the average
