@@ -201,12 +201,19 @@ def fit_autoencoder(latent: dict[str, Any], model: LatentModel, cases: list[Trai
             "wall_time_s": round(trainer.seconds, 1), "config": config.to_dict(),
             "final_loss": float(np.mean(trainer.losses[-20:])) if trainer.losses else None}
     if trainer.rank == 0:      # with DDP every rank holds the same EMA weights; one writes them
-        state = {k: v.contiguous().cpu() for k, v in model.autoencoder.state_dict().items()}
-        tmp = weights.with_suffix(".tmp")
-        save_file(state, str(tmp))
-        os.replace(tmp, weights)
-        record.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")     # written last: the stage is finished
+        save_finished(model.autoencoder, info, folder)
     return info
+
+
+def save_finished(autoencoder: AutoencoderKL, record: dict[str, Any], folder: Path) -> None:
+    """Write a finished stage 1 into folder: the weights (atomically), then the training record,
+    last: it marks the stage finished."""
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / WEIGHTS
+    tmp = weights.with_suffix(".tmp")
+    save_file({k: v.contiguous().cpu() for k, v in autoencoder.state_dict().items()}, str(tmp))
+    os.replace(tmp, weights)
+    (folder / RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 @torch.no_grad()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -10,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from ..datasets import read_dataset
 from ..errors import DiffusionMICError
@@ -21,7 +19,7 @@ from ..volume import Volume, read_volume, write_volume
 from .batches import TrainingCase, random_batches
 from .inference import stack_neighbours
 from .lora import add_lora, merge_lora, parameter_counts
-from .latent import RECORD, WEIGHTS, LatentModel, build_model, prepare
+from .latent import RECORD, LatentModel, build_model, prepare, save_finished
 from .sampling import select_device
 from .space import scaled_range
 from .trainer import TrainConfig, Trainer
@@ -115,12 +113,8 @@ def adopt_autoencoder(source: tuple[ModelCard, LatentModel], folder: Path) -> No
     if (folder / RECORD).is_file():
         return
     card, network = source
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{WEIGHTS}.tmp"
-    save_file({k: v.contiguous() for k, v in network.autoencoder.state_dict().items()}, str(tmp))
-    os.replace(tmp, folder / WEIGHTS)
-    record = {**card.latent["training"], "from": {"model": card.name, "sha256": card.sha256}}
-    (folder / RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    save_finished(network.autoencoder, {**card.latent["training"], "from": {"model": card.name, "sha256": card.sha256}},
+                  folder)
 
 
 def train(task_name: str, data: str | Path, out: str | Path, *, settings: dict[str, Any] | None = None,

@@ -379,18 +379,18 @@ def _fit_latent_large(ctx: Context, folder: Path) -> dict[str, Any]:
         raise DiffusionMICError("diffusion-latent-large reuses the diffusion-latent-lesion-map row's autoencoder: run "
                                 "that row first (--methods diffusion-latent-lesion-map)")
     b = ctx.budget
-    steps = b.steps * (1 if ctx.quick else LARGE_UNET)
+    steps, limit = b.steps * (1 if ctx.quick else LARGE_UNET), b.time_limit_s * LARGE_UNET
     unet = {**LATENT_V, "defaults": {"guidance": MAP_GUIDANCE},
             "network": QUICK_LARGE_NETWORK if ctx.quick else LARGE_NETWORK,
             "train": {**recipe(ctx)["train"], **LARGE_TRAIN, "max_steps": steps,
-                      "time_limit_s": b.time_limit_s * LARGE_UNET}}
+                      "time_limit_s": limit}}
     settings = {**latent_recipe(ctx, unet, task={"lesion_weight": MAP_WEIGHT, "lesion_map": True}),
                 "autoencoder": {"from": str(source)}}
     t = train(TASK, ctx.data.train_dir, folder / "model", settings=settings, device=str(ctx.device),
               progress=ctx.progress, resume=True)
     if t.training["steps"] < steps:
         raise DiffusionMICError(f"diffusion-latent-large stopped at step {t.training['steps']} of {steps} (its time "
-                                f"limit per run, {b.time_limit_s * LARGE_UNET:.0f} s): run the same command again "
+                                f"limit per run, {limit:.0f} s): run the same command again "
                                 "to continue from its checkpoint")
     return {**budget_used(t.training), "autoencoder": t.latent["training"]["from"]}
 
