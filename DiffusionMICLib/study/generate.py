@@ -149,11 +149,12 @@ LESION_MAP_MODEL = "brain-mri-generate-2mm"    # the row's model is bundled unde
 # level (7.2 M parameters against 1.8 M; a training step costs about 3x) from scratch over that
 # row's autoencoder (the row's folder, else the bundled model, which is that row's), with the same
 # task settings, LARGE_UNET x the study's steps at half the learning rate (twice the width; not
-# tuned). That is about 5.5 h on 2 cores: each run stops at its time limit and the next run of the
-# same command continues from the checkpoint.
+# tuned): about 1.9 h on 2 cores, sized to finish within one working session, because a checkpoint
+# on a session's disk (git-ignored) does not reach the next session's machine. A run stops at its
+# time limit and the next run of the same command continues from the checkpoint.
 LARGE_NETWORK = {"channels": [32, 64, 128], "attention_levels": [False, False, True], "norm_num_groups": 16}
 QUICK_LARGE_NETWORK = {"channels": [32, 64], "attention_levels": [False, True], "norm_num_groups": 16}
-LARGE_UNET = 4
+LARGE_UNET = 4 / 3                 # 2000 steps of batch 8
 LARGE_TRAIN = {"lr": 5e-4, "ema_decay": 0.995, "ema_start": 100, "seed": 105, "checkpoint_every": 100}
 
 
@@ -379,7 +380,7 @@ def _fit_latent_large(ctx: Context, folder: Path) -> dict[str, Any]:
         raise DiffusionMICError("diffusion-latent-large reuses the diffusion-latent-lesion-map row's autoencoder: run "
                                 "that row first (--methods diffusion-latent-lesion-map)")
     b = ctx.budget
-    steps, limit = b.steps * (1 if ctx.quick else LARGE_UNET), b.time_limit_s * LARGE_UNET
+    steps, limit = b.steps if ctx.quick else round(b.steps * LARGE_UNET), b.time_limit_s * 4
     unet = {**LATENT_V, "defaults": {"guidance": MAP_GUIDANCE},
             "network": QUICK_LARGE_NETWORK if ctx.quick else LARGE_NETWORK,
             "train": {**recipe(ctx)["train"], **LARGE_TRAIN, "max_steps": steps,
@@ -540,7 +541,7 @@ def methods(quick: bool) -> list[Method]:
                     "training: its steps + the UNet's; time: both"),
         Method("diffusion-latent-large", "Latent diffusion as above, UNet 32-64-128 with attention",
                "diffusion", _eval_latent, _fit_latent_large,
-               note=f"not budget-matched: {LARGE_UNET}x the study's steps, trained from scratch over the row above's "
+               note=f"not budget-matched: {LARGE_UNET:.3g}x the study's steps, trained from scratch over the row above's "
                     "autoencoder (not trained again); training: the UNet's steps and time"),
         Method("diffusion-bundled", f"Diffusion, bundled {BUNDLED}", "diffusion", _eval_bundled, note=bundled_note(BUNDLED, ", 4 mm grid")),
         Method("vae", "VAE (MONAI VarAutoEncoder, N(0, I) latents)", "learned", _eval_decoder, _fit_vae),
