@@ -140,6 +140,7 @@ MAP_WEIGHT = 30.0
 MAP_AE_STEPS = 0.5
 MAP_GUIDANCE = 2.0
 LESION_MAP_MODEL = "brain-mri-generate-2mm"    # the row's model is bundled under this name
+LARGE_MODEL = "brain-mri-generate-2mm-large"   # and the large row's under this one
 
 
 # The lesion-map row's samples are smoother than real subjects (every sample's edge sharpness 0.027
@@ -381,12 +382,15 @@ def _fit_latent_large(ctx: Context, folder: Path) -> dict[str, Any]:
                                 "that row first (--methods diffusion-latent-lesion-map)")
     b = ctx.budget
     steps, limit = b.steps if ctx.quick else round(b.steps * LARGE_UNET), b.time_limit_s * 4
-    unet = {**LATENT_V, "defaults": {"guidance": MAP_GUIDANCE},
+    unet = {**LATENT_V, "defaults": {"guidance": MAP_GUIDANCE}, "name": LARGE_MODEL, "description": (
+                "Whole-brain T1 + FLAIR at 2 mm by latent diffusion (MONAI AutoencoderKL + DiffusionModelUNet "
+                "32-64-128 with attention, v-prediction), healthy or with lesions where a lesion mask, or one of "
+                "the training subjects' lesion maps, puts them; trained on clean phantom subjects."),
             "network": QUICK_LARGE_NETWORK if ctx.quick else LARGE_NETWORK,
             "train": {**recipe(ctx)["train"], **LARGE_TRAIN, "max_steps": steps,
                       "time_limit_s": limit}}
     settings = {**latent_recipe(ctx, unet, task={"lesion_weight": MAP_WEIGHT, "lesion_map": True}),
-                "autoencoder": {"from": str(source)}}
+                "autoencoder": {"from": str(source)}, "half": True}    # 16-bit weights, as the bundled models
     t = train(TASK, ctx.data.train_dir, folder / "model", settings=settings, device=str(ctx.device),
               progress=ctx.progress, resume=True)
     if t.training["steps"] < steps:
