@@ -150,12 +150,13 @@ LARGE_MODEL = "brain-mri-generate-2mm-large"   # and the large row's under this 
 # level (7.2 M parameters against 1.8 M; a training step costs about 3x) from scratch over that
 # row's autoencoder (the row's folder, else the bundled model, which is that row's), with the same
 # task settings, LARGE_UNET x the study's steps at half the learning rate (twice the width; not
-# tuned): about 1.9 h on 2 cores, sized to finish within one working session, because a checkpoint
+# tuned): about 1.7 h on 2 cores (100 min on 2026-12-03), sized to finish within one working session, because a checkpoint
 # on a session's disk (git-ignored) does not reach the next session's machine. A run stops at its
 # time limit and the next run of the same command continues from the checkpoint.
 LARGE_NETWORK = {"channels": [32, 64, 128], "attention_levels": [False, False, True], "norm_num_groups": 16}
 QUICK_LARGE_NETWORK = {"channels": [32, 64], "attention_levels": [False, True], "norm_num_groups": 16}
 LARGE_UNET = 4 / 3                 # 2000 steps of batch 8
+LARGE_RUN_LIMIT = 4                # a run stops after 4x the study's safety stop (2 h)
 LARGE_TRAIN = {"lr": 5e-4, "ema_decay": 0.995, "ema_start": 100, "seed": 105, "checkpoint_every": 100}
 
 
@@ -381,7 +382,7 @@ def _fit_latent_large(ctx: Context, folder: Path) -> dict[str, Any]:
         raise DiffusionMICError("diffusion-latent-large reuses the diffusion-latent-lesion-map row's autoencoder: run "
                                 "that row first (--methods diffusion-latent-lesion-map)")
     b = ctx.budget
-    steps, limit = b.steps if ctx.quick else round(b.steps * LARGE_UNET), b.time_limit_s * 4
+    steps, limit = b.steps if ctx.quick else round(b.steps * LARGE_UNET), b.time_limit_s * LARGE_RUN_LIMIT
     unet = {**LATENT_V, "defaults": {"guidance": MAP_GUIDANCE}, "name": LARGE_MODEL, "description": (
                 "Whole-brain T1 + FLAIR at 2 mm by latent diffusion (MONAI AutoencoderKL + DiffusionModelUNet "
                 "32-64-128 with attention, v-prediction), healthy or with lesions where a lesion mask, or one of "
@@ -390,7 +391,7 @@ def _fit_latent_large(ctx: Context, folder: Path) -> dict[str, Any]:
             "train": {**recipe(ctx)["train"], **LARGE_TRAIN, "max_steps": steps,
                       "time_limit_s": limit}}
     settings = {**latent_recipe(ctx, unet, task={"lesion_weight": MAP_WEIGHT, "lesion_map": True}),
-                "autoencoder": {"from": str(source)}, "half": True}    # 16-bit weights, as the bundled models
+                "autoencoder": {"from": str(source)}, "half": True}    # 16-bit weights: the bundled copy
     t = train(TASK, ctx.data.train_dir, folder / "model", settings=settings, device=str(ctx.device),
               progress=ctx.progress, resume=True)
     if t.training["steps"] < steps:

@@ -15,15 +15,18 @@ WORK=${WORK:-models-work}
 declare -A TASK=([brain-mri-denoise]=denoise [brain-mri-denoise-2d]=denoise [brain-mri-t1t2-to-flair]=translate
                  [brain-mri-lesion-segment]=segment [brain-mri-anomaly]=anomaly [brain-mri-generate]=generate
                  [brain-mri-labels-to-mri]=generate)
+# the bundled models that are generation study rows, each trained after the rows its autoencoder comes from
+declare -A STUDY_ROW=([brain-mri-generate-2mm]=diffusion-latent-lesion-map [brain-mri-generate-2mm-large]=diffusion-latent-large)
+CHAIN=diffusion-latent-long,diffusion-latent-lesion,diffusion-latent-lesion-long,diffusion-latent-lesion-map
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(brain-mri-denoise brain-mri-denoise-2d brain-mri-t1t2-to-flair brain-mri-anomaly brain-mri-lesion-segment brain-mri-generate brain-mri-labels-to-mri brain-mri-generate-2mm brain-mri-generate-2mm-large)
 [ -f "$WORK/data/train/dataset.json" ] || "$DMIC" phantom "$WORK/data/train" --subjects 12 --seed 100 --noise 5 --progress none >/dev/null
 [ -f "$WORK/data/heldout/dataset.json" ] || "$DMIC" phantom "$WORK/data/heldout" --subjects 4 --seed 9001 --noise 5 --progress none >/dev/null
 for name in "${names[@]}"; do
-    if [ "$name" = brain-mri-generate-2mm ] || [ "$name" = brain-mri-generate-2mm-large ]; then
-        row=diffusion-latent-lesion-map; [ "$name" = brain-mri-generate-2mm ] || row=diffusion-latent-large
-        "$DMIC" study generate --methods diffusion-latent-long,diffusion-latent-lesion,diffusion-latent-lesion-long,diffusion-latent-lesion-map,$row \
-            --out "$WORK/study" --progress none >/dev/null
+    row=${STUDY_ROW[$name]:-}
+    if [ -n "$row" ]; then
+        methods=$CHAIN; [ "$row" = diffusion-latent-lesion-map ] || methods=$CHAIN,$row
+        "$DMIC" study generate --methods "$methods" --out "$WORK/study" --progress none >/dev/null
         cp "$WORK/study/generate/$row/model/"{model.json,model.safetensors} "Resources/Models/$name/"
         "$DMIC" models evaluate "$name" --data "$WORK/data/heldout" --write --progress none >/dev/null
         continue
