@@ -359,6 +359,18 @@ def _fit_latent_lesion_long(ctx: Context, folder: Path) -> dict[str, Any]:
     return _fit_latent(ctx, folder, unet, ae_scale=LONG_AE, task={"lesion_weight": LESION_WEIGHT})
 
 
+MAP_TASK = {"lesion_weight": MAP_WEIGHT, "lesion_map": True}    # the lesion-map rows' task settings
+
+
+def _map_model(name: str, unet: str) -> dict[str, Any]:
+    """A lesion-map row's UNet settings: LATENT_V's schedule and sampler, guidance MAP_GUIDANCE against
+    healthy, and the name and description of the model it is bundled as (`unet`: words on its UNet)."""
+    return {**LATENT_V, "defaults": {"guidance": MAP_GUIDANCE}, "name": name, "description": (
+        f"Whole-brain T1 + FLAIR at 2 mm by latent diffusion (MONAI AutoencoderKL + DiffusionModelUNet{unet}, "
+        "v-prediction), healthy or with lesions where a lesion mask, or one of the training subjects' lesion "
+        "maps, puts them; trained on clean phantom subjects.")}
+
+
 def _fit_latent_lesion_map(ctx: Context, folder: Path) -> dict[str, Any]:
     """A lesion-map UNet started from diffusion-latent-lesion-long's, over diffusion-latent-long's
     autoencoder continued with the lesion-weighted L1."""
@@ -371,12 +383,8 @@ def _fit_latent_lesion_map(ctx: Context, folder: Path) -> dict[str, Any]:
     mine = folder / "model" / "autoencoder" / "checkpoint"
     if not mine.exists():
         shutil.copytree(long_ae, mine)
-    unet = {**LATENT_V, "defaults": {"guidance": MAP_GUIDANCE}, "name": LESION_MAP_MODEL, "description": (
-        "Whole-brain T1 + FLAIR at 2 mm by latent diffusion (MONAI AutoencoderKL + DiffusionModelUNet, "
-        "v-prediction), healthy or with lesions where a lesion mask, or one of the training subjects' lesion "
-        "maps, puts them; trained on clean phantom subjects.")}
-    return _fit_latent(ctx, folder, unet, ae_scale=LONG_AE + MAP_AE_STEPS,
-                       task={"lesion_weight": MAP_WEIGHT, "lesion_map": True}, init=start)
+    return _fit_latent(ctx, folder, _map_model(LESION_MAP_MODEL, ""), ae_scale=LONG_AE + MAP_AE_STEPS, task=MAP_TASK,
+                       init=start)
 
 
 def _fit_latent_large(ctx: Context, folder: Path) -> dict[str, Any]:
@@ -388,15 +396,10 @@ def _fit_latent_large(ctx: Context, folder: Path) -> dict[str, Any]:
                                 "that row first (--methods diffusion-latent-lesion-map)")
     b = ctx.budget
     steps, limit = b.steps if ctx.quick else round(b.steps * LARGE_UNET), b.time_limit_s * LARGE_RUN_LIMIT
-    unet = {**LATENT_V, "defaults": {"guidance": MAP_GUIDANCE}, "name": LARGE_MODEL, "description": (
-                "Whole-brain T1 + FLAIR at 2 mm by latent diffusion (MONAI AutoencoderKL + DiffusionModelUNet "
-                "32-64-128 with attention, v-prediction), healthy or with lesions where a lesion mask, or one of "
-                "the training subjects' lesion maps, puts them; trained on clean phantom subjects."),
-            "network": QUICK_LARGE_NETWORK if ctx.quick else LARGE_NETWORK,
-            "sampler": LARGE_SAMPLER,
-            "train": {**recipe(ctx)["train"], **LARGE_TRAIN, "max_steps": steps,
-                      "time_limit_s": limit}}
-    settings = {**latent_recipe(ctx, unet, task={"lesion_weight": MAP_WEIGHT, "lesion_map": True}),
+    unet = {**_map_model(LARGE_MODEL, " 32-64-128 with attention"),
+            "network": QUICK_LARGE_NETWORK if ctx.quick else LARGE_NETWORK, "sampler": LARGE_SAMPLER,
+            "train": {**recipe(ctx)["train"], **LARGE_TRAIN, "max_steps": steps, "time_limit_s": limit}}
+    settings = {**latent_recipe(ctx, unet, task=MAP_TASK),
                 "autoencoder": {"from": str(source)}, "half": True}    # 16-bit weights: the bundled copy
     t = train(TASK, ctx.data.train_dir, folder / "model", settings=settings, device=str(ctx.device),
               progress=ctx.progress, resume=True)
