@@ -5,12 +5,14 @@ classifier for the volume-level view, on held-out phantom subjects with and with
 table per lesion kind of the phantom (hyper, iso, hypo, tumour: `phantom.LESION_KINDS`)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
@@ -25,6 +27,7 @@ from ..engine.trainer import Batch
 from ..metrics import detection_metrics
 from ..models import ModelCard, read_card, resolve_model
 from ..progress import Progress
+from ..registration import affine, carry
 from ..tasks import get_task
 from ..tasks.anomaly import PHANTOM_LESION, Reconstruct, brain_mask, lesion_reference, top_mean
 from ..volume import Volume, onto_grid
@@ -51,6 +54,16 @@ COLUMNS = [("voxel_auroc", "AUROC (voxel)", "higher"), ("voxel_auprc", "AUPRC", 
            ("alarm_dice", "Dice @ 0.1 % val. false alarms", "higher"),
            ("alarm_healthy_above", "healthy voxels above that (%)", "lower")]
 FALSE_ALARMS = 0.001      # the second operating point: this fraction of healthy validation voxels above it
+ANCHOR = "T1"               # the contrast a case is registered to the cohort on
+# The tissue-atlas row: the bundled diffusion segmenter's class probabilities against the registered cohort's.
+# Chosen on the held-out grey-matter-like subjects among slack 1/3/5 voxels, smoothing 1/1.5 and three ways
+# of scoring (grey matter alone scored best, but says which kind it looks for): the cohort's frequencies
+# max-filtered over 3 voxels (what affine registration leaves misaligned), the sum over tissues of how far a
+# case's probability exceeds them, smoothed by 1.5 voxels.
+SEGMENTER = "brain-mri-lesion-segment"
+SEGMENTER_EXTRA = ["PD"]    # its inputs beyond JOINT
+ATLAS_SLACK = 3
+ATLAS_SMOOTH = 1.5
 NOTES = [
     "Test set, one table per lesion kind (`diffusion-mic phantom --lesion-kind`): the held-out phantom "
     "subjects with lesions of that kind (seed 9001; hyper, iso and hypo lesions lie in the same places, "
@@ -94,7 +107,16 @@ NOTES = [
     "larger than normal), |z| for intensities (the normative floors), averaged over the contrasts of a "
     "joint row. This needs the subjects in one space (the phantom's subjects are warps of one anatomy on "
     "one grid; real scans would be registered to an atlas first, as normative modelling does). The "
-    "diffusion rows reuse the diffusion-gaussian and diffusion-joint models.",
+    "diffusion rows reuse the diffusion-gaussian and diffusion-joint models. 'Registered' rows first register "
+    f"each cohort subject to each case (affine, {ANCHOR} onto {ANCHOR}, mean squares; DiffusionMICLib.registration) "
+    "and carry the cohort's maps through it, as an atlas-based normative model would.",
+    f"Tissue atlas: the bundled diffusion segmenter {SEGMENTER} (T1, T2, PD, FLAIR; trained on the training "
+    "subjects with hyperintense lesions labelled, so that table is not unsupervised for it) gives each voxel's "
+    "class probabilities; the registered cohort's, averaged and max-filtered over "
+    f"{ATLAS_SLACK} voxels, say where each tissue may be; the map is the sum over tissues of how far the case's "
+    f"probability exceeds that, smoothed by {ATLAS_SMOOTH} voxels, zero outside the brain eroded by 1 voxel: "
+    "tissue out of place (grey matter inside white matter, lesion, CSF where there is none), whatever its "
+    "intensity.",
     "ResNet: MONAI ResNet-10 (2D) trained to tell 64 x 64 crops of the training subjects' acquired FLAIR "
     "that hold a lesion voxel from those that do not (half the crops centred on lesions, binary "
     "cross-entropy, left-right flips); a slice's probability is the largest of its 64 x 64 tiles' "
@@ -152,9 +174,15 @@ def _phantom(ctx: Context, part: str, seed: int, n: int, lesions: int, kind: str
     return read_dataset(where).cases
 
 
+def _channels(ctx: Context) -> list[str]:
+    """The contrasts every case is read with: JOINT, and PD where the data has it (the segmenter's)."""
+    return [*JOINT, *[ch for ch in SEGMENTER_EXTRA if ch in ctx.data.train.channels]]
+
+
 def _item(ctx: Context, case: Case, part: str) -> dict[str, Any]:
     """FLAIR, lesion reference, scored voxels and preview slice of one case (quick: a slab)."""
-    images, label = [case.read(ch) for ch in JOINT], case.read_label()
+    names = _channels(ctx)
+    images, label = [case.read(ch) for ch in names], case.read_label()
     flair = images[JOINT.index("FLAIR")]
     value = ctx.data.train.labels.get("lesion")
     if ctx.data.source.get("kind") == "phantom":
@@ -169,7 +197,7 @@ def _item(ctx: Context, case: Case, part: str) -> dict[str, Any]:
         centre = z
         volumes, z = cut_slab(volumes, z, QUICK_DEPTH)
         slices = (centre - z, centre - z + QUICK_DEPTH)
-    channels = dict(zip(JOINT, volumes[2:]))
+    channels = dict(zip(names, volumes[2:]))
     return {"id": case.id, "key": f"{part}/{case.id}", "test": part.startswith("test"), "channels": channels,
             "lesion": volumes[0], "mask": volumes[1], "z": z, "slices": slices,
             "anomalous": bool(volumes[0].array.any())}
@@ -466,7 +494,7 @@ def normative_cohort(ctx: Context) -> list[dict[str, Volume]]:
         n = NORMATIVE_SUBJECTS[ctx.quick]
         spans = [i["slices"] for bench in cases(ctx).values() for part in bench.values() for i in part]
         lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
-        ctx.cache["normative"] = [{ch: Volume.from_sitk(c.read(ch).to_sitk()[:, :, lo:hi]) for ch in JOINT}
+        ctx.cache["normative"] = [{ch: Volume.from_sitk(c.read(ch).to_sitk()[:, :, lo:hi]) for ch in _channels(ctx)}
                                   for c in _phantom(ctx, "normative-healthy", NORMATIVE_SEED, n, 0)]
     return ctx.cache["normative"]
 
@@ -483,17 +511,37 @@ def voxel_statistics(maps: list[Volume]) -> tuple[Volume, Volume]:
     return maps[0].with_array(mean.astype(np.float32)), maps[0].with_array(sd.astype(np.float32))
 
 
-def normative(ctx: Context, detectors: list[Detector], two_sided: bool) -> Detector:
+def registrations(ctx: Context, channels: dict[str, Volume]) -> list[sitk.Transform]:
+    """Affine transforms from a case to each normative cohort subject (T1 onto T1), computed once per
+    case and kept for every row that needs them."""
+    key = hashlib.sha1(channels[ANCHOR].array.tobytes()).hexdigest()
+    done = ctx.cache.setdefault("registrations", {})
+    if key not in done:
+        done[key] = [affine(channels[ANCHOR], c[ANCHOR]) for c in normative_cohort(ctx)]
+    return done[key]
+
+
+def normative(ctx: Context, detectors: list[Detector], two_sided: bool, registered: bool = False) -> Detector:
     """Maps z-scored per voxel against the normative cohort's maps at the same place (resampled onto
-    each case's grid), averaged over `detectors` (e.g. one per contrast); two_sided: |z| (intensities:
-    bright or dark), else max(z, 0) (residuals: only larger than normal). Zero where the maps are."""
-    stats = [voxel_statistics([d(c)[0] for c in normative_cohort(ctx)]) for d in detectors]
+    each case's grid; `registered`: carried there through each cohort subject's affine registration to
+    the case), averaged over `detectors` (e.g. one per contrast); two_sided: |z| (intensities: bright
+    or dark), else max(z, 0) (residuals: only larger than normal). Zero where the maps are."""
+    cohort = normative_cohort(ctx)
+    cohort_maps = [[d(c)[0] for c in cohort] for d in detectors]
+    stats = None if registered else [voxel_statistics(maps) for maps in cohort_maps]
 
     def detect(channels: dict[str, Volume]) -> tuple[Volume, float]:
         maps = [d(channels)[0] for d in detectors]
+        if registered:
+            moves = registrations(ctx, channels)
+            case_stats = [voxel_statistics([m.with_array(carry(c.array, c, m, t)) for c, t in zip(group, moves)])
+                          for m, group in zip(maps, cohort_maps)]
+        else:
+            case_stats = [(m.with_array(onto_grid(mean, m.geometry)), m.with_array(onto_grid(sd, m.geometry)))
+                          for m, (mean, sd) in zip(maps, stats)]
         zs = []
-        for m, (mean, sd) in zip(maps, stats):
-            z = (m.array - onto_grid(mean, m.geometry)) / onto_grid(sd, m.geometry)
+        for m, (mean, sd) in zip(maps, case_stats):
+            z = (m.array - mean.array) / sd.array
             zs.append(np.abs(z) if two_sided else np.clip(z, 0.0, None))
         inside = np.any([m.array != 0 for m in maps], axis=0)
         z = np.where(inside, np.mean(zs, axis=0), 0.0).astype(np.float32)
@@ -503,6 +551,43 @@ def normative(ctx: Context, detectors: list[Detector], two_sided: bool) -> Detec
 
 NOT_NORMATIVE = Evaluation({}, extra={"skipped": "normative rows need healthy subjects in the test subjects' "
                                                   "space: phantom studies only"})
+
+
+def out_of_place(p: np.ndarray, cohort: list[np.ndarray], brain: np.ndarray) -> np.ndarray:
+    """Tissue out of place: class probabilities p (C, z, y, x; background first) against healthy
+    subjects' on the same grid (averaged, max-filtered over ATLAS_SLACK voxels): the sum over tissues
+    of max(p - atlas, 0), smoothed by ATLAS_SMOOTH voxels, zero outside `brain`."""
+    atlas = ndimage.maximum_filter(np.mean(cohort, axis=0), size=(1, *[ATLAS_SLACK] * 3))
+    m = ndimage.gaussian_filter(np.clip(p[1:] - atlas[1:], 0.0, None).sum(0), ATLAS_SMOOTH)
+    return np.where(brain, m, 0.0).astype(np.float32)
+
+
+def tissue_atlas(ctx: Context, probabilities: Callable[[dict[str, Volume]], np.ndarray]) -> Detector:
+    """A segmenter's class probabilities against the normative cohort's (each cohort subject's carried
+    onto the case through its affine registration), as `out_of_place` scores them: grey matter inside
+    white matter scores where the cohort has none, whatever its intensity."""
+    cohort = [(c, probabilities(c)) for c in normative_cohort(ctx)]
+
+    def detect(channels: dict[str, Volume]) -> tuple[Volume, float]:
+        p, ref = probabilities(channels), channels[ANCHOR]
+        # the brain as the task's maps have it (Otsu union, holes filled, eroded by 1 voxel): registration
+        # leaves the brain's edge misaligned, and tissue "out of place" there lit up healthy subjects
+        brain = ndimage.binary_erosion(brain_mask(np.stack([channels[ch].array for ch in JOINT])), border_value=1)
+        m = out_of_place(p, [carry(q, c[ANCHOR], ref, t) for (c, q), t in zip(cohort, registrations(ctx, channels))],
+                         brain)
+        return ref.with_array(m), top_mean(m[brain], SCORE_TOP)
+    return detect
+
+
+def _eval_tissue_atlas(ctx: Context, folder: Path) -> Evaluation:
+    if ctx.data.source.get("kind") != "phantom":
+        return NOT_NORMATIVE
+    inputs = read_card(resolve_model(SEGMENTER)).inputs
+
+    def probabilities(channels: dict[str, Volume]) -> np.ndarray:
+        result = api.segment([channels[ch] for ch in inputs], SEGMENTER, device=str(ctx.device))
+        return result.arrays["probabilities"]
+    return _evaluate(ctx, tissue_atlas(ctx, probabilities))
 
 
 def _eval_normative_diffusion(method: str, task: dict[str, Any] | None):
@@ -519,13 +604,13 @@ def _eval_normative_diffusion(method: str, task: dict[str, Any] | None):
     return evaluate
 
 
-def _eval_normative_intensity(channels: list[str]):
+def _eval_normative_intensity(channels: list[str], registered: bool = False):
     def evaluate(ctx: Context, folder: Path) -> Evaluation:
         if ctx.data.source.get("kind") != "phantom":
             return NOT_NORMATIVE
         cards = [get_task(TASK).make_card(ctx.data.train, budget_recipe(ctx, RECIPE, QUICK_NETWORK, channels=[ch]))
                  for ch in channels]
-        return _evaluate(ctx, normative(ctx, [_map_detector(card, _floor("raw")) for card in cards], True))
+        return _evaluate(ctx, normative(ctx, [_map_detector(card, _floor("raw")) for card in cards], True, registered))
     return evaluate
 
 
@@ -627,4 +712,10 @@ def methods(quick: bool) -> list[Method]:
                "(normative floor)", "floor", _eval_normative_intensity(["FLAIR"])),
         Method("joint-normative", f"{', '.join(JOINT)} |z| per voxel against {NORMATIVE_SUBJECTS[quick]} healthy "
                "subjects, averaged (normative floor)", "floor", _eval_normative_intensity(JOINT)),
+        Method("diffusion-tissue-atlas", f"Diffusion segmenter (bundled {SEGMENTER}): tissue where the "
+               f"{NORMATIVE_SUBJECTS[quick]} healthy subjects, registered (affine), have none", "diffusion",
+               _eval_tissue_atlas, note="bundled segmenter, trained with hyperintense lesions labelled"),
+        Method("joint-normative-registered", f"{', '.join(JOINT)} |z| per voxel against {NORMATIVE_SUBJECTS[quick]} "
+               "healthy subjects registered (affine), averaged (normative floor)", "floor",
+               _eval_normative_intensity(JOINT, registered=True)),
     ]
