@@ -6,6 +6,8 @@
     dmic.write_volume(result.outputs["output"], "t1-denoised.nrrd")
     dmic.finetune("denoise", "brain-mri-denoise", "my-site-data/", "models/site-denoise")   # LoRA
     dmic.adapt("denoise", "brain-mri-denoise", "t1.nii.gz", "models/t1-adapted")   # no reference needed
+    atlas = dmic.TissueAtlas("brain-mri-lesion-segment", healthy)    # healthy: [[T1, T2, PD, FLAIR], ...]
+    found = atlas.detect([t1, t2, pd, flair])                          # tissue out of place, any intensity
 
 The names below are imported on first use (PEP 562), so that `import DiffusionMICLib` and
 commands that need little (`diffusion-mic phantom`, `models list`) do not load the engine
@@ -19,6 +21,7 @@ from typing import Any
 _EXPORTS = {
     "anomaly": "api", "denoise": "api", "detect_anomalies": "api", "evaluate": "api", "evaluate_many": "api",
     "generate": "api", "run": "api", "segment": "api", "translate": "api",
+    "TissueAtlas": "atlas",
     "adapt": "engine.pipeline", "finetune": "engine.pipeline", "train": "engine.pipeline",
     "Cancelled": "errors", "DiffusionMICError": "errors",
     "ModelCard": "models", "load_model": "models",

@@ -89,6 +89,25 @@ def _run_adapted(args: argparse.Namespace, volumes: list, options) -> Any:
     return result
 
 
+def _run_atlas(args: argparse.Namespace, volumes: list) -> Any:
+    """run anomaly --healthy DIR: the segmenter --model's tissue probabilities against the healthy
+    subjects', each registered onto the input (DiffusionMICLib.atlas)."""
+    from .atlas import TissueAtlas
+    from .models import read_card, resolve_model
+    card = read_card(resolve_model(args.model))
+    if args.task != "anomaly" or card.task != "segment":
+        raise DiffusionMICError(f"--healthy is for anomaly with a segment model as --model, got {args.task} with "
+                                f"'{card.name}' ({card.task})")
+    if len(volumes) != len(card.inputs):
+        raise DiffusionMICError(f"'{card.name}' takes {' + '.join(card.inputs)}: give {len(card.inputs)} --input "
+                                f"in that order, got {len(volumes)}")
+    t0 = time.perf_counter()
+    atlas = TissueAtlas.from_folder(args.model, args.healthy, device=args.device, progress=_progress(args))
+    result = atlas.detect(volumes, progress=_progress(args))
+    result.info.update(model=card.name, wall_time_s=round(time.perf_counter() - t0, 2))
+    return result
+
+
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     from .api import run
     from .segfile import is_seg_nrrd, write_segmentation
@@ -110,7 +129,9 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
                              strength=args.strength, ensemble=args.ensemble, guidance=args.guidance,
                              count=args.count, condition=args.condition, batch_size=args.batch_size,
                              sigma=args.sigma, lesion_load=args.lesion_load)
-        if args.adapt:
+        if args.healthy:
+            result = _run_atlas(args, volumes)
+        elif args.adapt:
             result = _run_adapted(args, volumes, options)
         else:
             result = run(args.task, args.model, volumes, options, progress=_progress(args))
@@ -317,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "its own units (default: estimated from the input)")
     sp.add_argument("--uncertainty", help="segment: where to write the uncertainty map (default: beside --output)")
     sp.add_argument("--mask", help="anomaly: where to write the thresholded mask (default: beside --output)")
+    sp.add_argument("--healthy", metavar="DIR",
+                    help="anomaly: a data set folder of healthy subjects of the input's protocol; --model is then a "
+                         "segment model (e.g. brain-mri-lesion-segment) and the map is tissue where the healthy "
+                         "subjects, registered onto the input, have none (DiffusionMICLib.atlas)")
     sp.add_argument("--adapt", type=int, default=0,
                     help="denoise: first adapt the model to the input for this many self-supervised steps "
                          "(a temporary copy; the model is left unchanged); 0: no adaptation")

@@ -140,7 +140,7 @@ class DiffusionMICLogic(ScriptedLoadableModuleLogic):
 
     def start(self, task, inputNodes, model, outputNode=None, *, sampler=None, steps=None, seed=None,
               strength=None, ensemble=None, guidance=None, count=None, condition=None, device=None, adapt=None,
-              sigma=None, lesionLoad=None, show=True, onProgress=None, onFinished=None,
+              sigma=None, lesionLoad=None, healthy=None, show=True, onProgress=None, onFinished=None,
               onError=None) -> DiffusionMICJob:
         """Start `diffusion-mic run TASK` on the input nodes in the background; returns the job.
 
@@ -149,7 +149,10 @@ class DiffusionMICLogic(ScriptedLoadableModuleLogic):
         `sigma` (denoise): the input's noise standard deviation for a model told the noise level
         (`run --sigma`; None: estimated). `lesionLoad` (generate, a lesion-map model, condition
         "lesion", no lesion mask): mL of lesion composed of the model's training lesions (`run
-        --lesion-load`; 0 or None: one training subject's lesions). The inputs are written to a
+        --lesion-load`; 0 or None: one training subject's lesions). `healthy` (anomaly): a data set
+        folder of healthy subjects of the inputs' protocol; `model` is then a segment model and the
+        map is tissue where those subjects, registered onto the input, have none (`run --healthy`).
+        The inputs are written to a
         temporary folder (removed afterwards); the results are brought into the scene when the job
         is polled after the backend has finished.
         """
@@ -213,6 +216,12 @@ class DiffusionMICLogic(ScriptedLoadableModuleLogic):
             if task != "generate" or not lesionMap:
                 raise ValueError("only a generator with a lesion map takes a lesion load (lesionLoad)")
             options["lesion-load"] = float(lesionLoad)
+        if healthy:
+            if task != "anomaly":
+                raise ValueError("only anomaly takes a healthy cohort (healthy)")
+            if not os.path.isdir(str(healthy)):
+                raise ValueError(f"healthy: '{healthy}' is not a folder (a data set of healthy subjects)")
+            options["healthy"] = str(healthy)
         if sigma is not None:
             if task != "denoise":
                 raise ValueError("only denoise takes the input's noise level (sigma)")
@@ -277,7 +286,9 @@ class DiffusionMICLogic(ScriptedLoadableModuleLogic):
 
     def anomaly(self, inputNodes, model, outputNode=None, **options):
         """The anomaly map volume (shown over the input); its thresholded Segmentation is the node
-        reference "DiffusionMIC.mask", the score the attribute "DiffusionMIC.score"."""
+        reference "DiffusionMIC.mask", the score the attribute "DiffusionMIC.score". With
+        healthy=FOLDER, `model` is a segment model and the map is tissue out of place against those
+        healthy subjects (e.g. anomaly([t1, t2, pd, flair], "brain-mri-lesion-segment", healthy=...))."""
         return self.run("anomaly", inputNodes, model, outputNode, **options).outputNode
 
     # ---- compare ---------------------------------------------------------------------------------

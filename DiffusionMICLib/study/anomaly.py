@@ -21,12 +21,12 @@ from ..datasets import Case, read_dataset
 from ..engine.batches import TrainingCase, random_batches
 from ..engine.inference import infer_slices, windowed
 from ..engine.pipeline import train
-from ..errors import DiffusionMICError
 from ..engine.space import ModelSpace, robust_scale, to_unit
 from ..engine.trainer import Batch
 from ..metrics import detection_metrics
 from ..models import ModelCard, read_card, resolve_model
 from ..progress import Progress
+from ..atlas import SLACK, SMOOTH, TissueAtlas
 from ..registration import affine, carry
 from ..tasks import get_task
 from ..tasks.anomaly import PHANTOM_LESION, Reconstruct, brain_mask, lesion_reference, top_mean
@@ -55,15 +55,8 @@ COLUMNS = [("voxel_auroc", "AUROC (voxel)", "higher"), ("voxel_auprc", "AUPRC", 
            ("alarm_healthy_above", "healthy voxels above that (%)", "lower")]
 FALSE_ALARMS = 0.001      # the second operating point: this fraction of healthy validation voxels above it
 ANCHOR = "T1"               # the contrast a case is registered to the cohort on
-# The tissue-atlas row: the bundled diffusion segmenter's class probabilities against the registered cohort's.
-# Chosen on the held-out grey-matter-like subjects among slack 1/3/5 voxels, smoothing 1/1.5 and three ways
-# of scoring (grey matter alone scored best, but says which kind it looks for): the cohort's frequencies
-# max-filtered over 3 voxels (what affine registration leaves misaligned), the sum over tissues of how far a
-# case's probability exceeds them, smoothed by 1.5 voxels.
-SEGMENTER = "brain-mri-lesion-segment"
+SEGMENTER = "brain-mri-lesion-segment"   # the tissue-atlas row's (DiffusionMICLib.atlas)
 SEGMENTER_EXTRA = ["PD"]    # its inputs beyond JOINT
-ATLAS_SLACK = 3
-ATLAS_SMOOTH = 1.5
 NOTES = [
     "Test set, one table per lesion kind (`diffusion-mic phantom --lesion-kind`): the held-out phantom "
     "subjects with lesions of that kind (seed 9001; hyper, iso and hypo lesions lie in the same places, "
@@ -113,10 +106,10 @@ NOTES = [
     f"Tissue atlas: the bundled diffusion segmenter {SEGMENTER} (T1, T2, PD, FLAIR; trained on the training "
     "subjects with hyperintense lesions labelled, so that table is not unsupervised for it) gives each voxel's "
     "class probabilities; the registered cohort's, averaged and max-filtered over "
-    f"{ATLAS_SLACK} voxels, say where each tissue may be; the map is the sum over tissues of how far the case's "
-    f"probability exceeds that, smoothed by {ATLAS_SMOOTH} voxels, zero outside the brain eroded by 1 voxel: "
+    f"{SLACK} voxels, say where each tissue may be; the map is the sum over tissues of how far the case's "
+    f"probability exceeds that, smoothed by {SMOOTH} voxels, zero outside the brain eroded by 1 voxel: "
     "tissue out of place (grey matter inside white matter, lesion, CSF where there is none), whatever its "
-    "intensity.",
+    "intensity (DiffusionMICLib.atlas; for a user's own cohort: `diffusion-mic run anomaly --healthy DIR`).",
     "ResNet: MONAI ResNet-10 (2D) trained to tell 64 x 64 crops of the training subjects' acquired FLAIR "
     "that hold a lesion voxel from those that do not (half the crops centred on lesions, binary "
     "cross-entropy, left-right flips); a slice's probability is the largest of its 64 x 64 tiles' "
@@ -553,41 +546,18 @@ NOT_NORMATIVE = Evaluation({}, extra={"skipped": "normative rows need healthy su
                                                   "space: phantom studies only"})
 
 
-def out_of_place(p: np.ndarray, cohort: list[np.ndarray], brain: np.ndarray) -> np.ndarray:
-    """Tissue out of place: class probabilities p (C, z, y, x; background first) against healthy
-    subjects' on the same grid (averaged, max-filtered over ATLAS_SLACK voxels): the sum over tissues
-    of max(p - atlas, 0), smoothed by ATLAS_SMOOTH voxels, zero outside `brain`."""
-    atlas = ndimage.maximum_filter(np.mean(cohort, axis=0), size=(1, *[ATLAS_SLACK] * 3))
-    m = ndimage.gaussian_filter(np.clip(p[1:] - atlas[1:], 0.0, None).sum(0), ATLAS_SMOOTH)
-    return np.where(brain, m, 0.0).astype(np.float32)
-
-
-def tissue_atlas(ctx: Context, probabilities: Callable[[dict[str, Volume]], np.ndarray]) -> Detector:
-    """A segmenter's class probabilities against the normative cohort's (each cohort subject's carried
-    onto the case through its affine registration), as `out_of_place` scores them: grey matter inside
-    white matter scores where the cohort has none, whatever its intensity."""
-    cohort = [(c, probabilities(c)) for c in normative_cohort(ctx)]
-
-    def detect(channels: dict[str, Volume]) -> tuple[Volume, float]:
-        p, ref = probabilities(channels), channels[ANCHOR]
-        # the brain as the task's maps have it (Otsu union, holes filled, eroded by 1 voxel): registration
-        # leaves the brain's edge misaligned, and tissue "out of place" there lit up healthy subjects
-        brain = ndimage.binary_erosion(brain_mask(np.stack([channels[ch].array for ch in JOINT])), border_value=1)
-        m = out_of_place(p, [carry(q, c[ANCHOR], ref, t) for (c, q), t in zip(cohort, registrations(ctx, channels))],
-                         brain)
-        return ref.with_array(m), top_mean(m[brain], SCORE_TOP)
-    return detect
-
-
 def _eval_tissue_atlas(ctx: Context, folder: Path) -> Evaluation:
+    """`atlas.TissueAtlas` of the bundled segmenter over the normative cohort (registrations shared
+    with the registered floor)."""
     if ctx.data.source.get("kind") != "phantom":
         return NOT_NORMATIVE
     inputs = read_card(resolve_model(SEGMENTER)).inputs
+    atlas = TissueAtlas(SEGMENTER, [[c[ch] for ch in inputs] for c in normative_cohort(ctx)], device=str(ctx.device))
 
-    def probabilities(channels: dict[str, Volume]) -> np.ndarray:
-        result = api.segment([channels[ch] for ch in inputs], SEGMENTER, device=str(ctx.device))
-        return result.arrays["probabilities"]
-    return _evaluate(ctx, tissue_atlas(ctx, probabilities))
+    def detect(channels: dict[str, Volume]) -> tuple[Volume, float]:
+        result = atlas.detect([channels[ch] for ch in inputs], transforms=registrations(ctx, channels))
+        return result.outputs["output"], result.info["score"]
+    return _evaluate(ctx, detect)
 
 
 def _eval_normative_diffusion(method: str, task: dict[str, Any] | None):

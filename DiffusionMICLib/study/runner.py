@@ -79,6 +79,8 @@ def run_study(task: str, *, data: str | Path | None = None, out: str | Path = "s
         old = json.loads(previous.read_text(encoding="utf-8"))
         if old.get("quick") == quick:
             doc["methods"] = {**old.get("methods", {}), **results}
+            # and the data parts only the other methods read (e.g. a cohort a resumed row did not need again)
+            doc["data"] = {**old.get("data", {}), **doc["data"]}
     write_json(previous, doc)
     (out / f"{task}.md").write_text(markdown(doc), encoding="utf-8")
     task_figure(out / f"{task}.png", doc, ctx.out)

@@ -774,6 +774,42 @@ def test_anomaly_real_backend(task_runs):
     assert np.array_equal(mrml.labelArrayFromSegmentation(mask, flair) > 0, expected)
 
 
+def test_anomaly_against_healthy_subjects(phantom, tmp_path):
+    """logic.anomaly(..., healthy=FOLDER) runs `run anomaly --healthy` with the bundled segmenter:
+    the map marks the subject's lesions; other tasks and a missing folder are refused first."""
+    from DiffusionMICLib.phantom import make_subject
+    from DiffusionMICLib.volume import Geometry, Volume, write_volume
+    _, arrays = phantom
+    z = int(np.argmax((arrays["labels"] >= 4).sum(axis=(1, 2))))
+    slab = slice(max(0, z - 10), z + 10)                 # 20 slices around the most lesioned one
+    names = ("T1", "T2", "PD", "FLAIR")
+    matrix = np.diag([-2.0, -2.0, 2.0, 1.0])             # RAS of an LPS-identity 2 mm grid at the origin
+    nodes = [add_volume(arrays[n][slab], n, matrix=matrix) for n in names]
+    healthy = tmp_path / "healthy"
+    (healthy / "imagesTr").mkdir(parents=True)
+    (healthy / "dataset.json").write_text(json.dumps({
+        "channel_names": {str(i): n for i, n in enumerate(names)}, "labels": {"background": 0},
+        "numTraining": 1, "file_ending": ".nii.gz"}), encoding="utf-8")
+    subject = make_subject(5, lesions=0)
+    for i, n in enumerate(names):
+        a = subject.images[n].array[slab]
+        grid = Geometry(a.shape[::-1], (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+        write_volume(Volume(a, grid), healthy / "imagesTr" / f"h_{i:04d}.nii.gz")
+    logic = module.DiffusionMICLogic()
+    count = node_count()
+    with pytest.raises(ValueError, match="only anomaly takes a healthy cohort"):
+        logic.segment(nodes, model="brain-mri-lesion-segment", healthy=str(healthy))
+    with pytest.raises(ValueError, match="is not a folder"):
+        logic.anomaly(nodes, model="brain-mri-lesion-segment", healthy=str(tmp_path / "none"))
+    assert node_count() == count
+    amap = logic.anomaly(nodes, model="brain-mri-lesion-segment", healthy=str(healthy))
+    info = logic.lastResult.info
+    assert info["healthy_subjects"] == 1 and amap.GetNodeReference("DiffusionMIC.mask") is not None
+    values, lesion = slicer.util.arrayFromVolume(amap), arrays["labels"][slab] >= 4
+    inside = values > 0
+    assert values[lesion].mean() > 3 * values[inside & ~lesion].mean()
+
+
 def test_generate_real_backend(task_runs, models):
     result = _task_result(task_runs, "generate")
     generated = list(result.nodes.values())

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from DiffusionMICLib.cli import main
-from DiffusionMICLib.study import run_study, write_report
+from DiffusionMICLib.study import run_study
 from DiffusionMICLib.study import denoise as denoise_study
-from DiffusionMICLib.study.core import QUICK, Context, user_data
-from DiffusionMICLib.study.learners import DnCNN, fit_supervised
+from DiffusionMICLib.study.core import Context, user_data
+from DiffusionMICLib.study.learners import DnCNN
 from DiffusionMICLib.progress import Progress
 
 
@@ -47,6 +47,7 @@ def test_quick_denoise_study_has_every_method(quick_denoise):
 def test_resumed_study_does_not_retrain(quick_denoise, monkeypatch):
     trained = quick_denoise / "denoise" / "unet" / "trained.json"
     before = trained.stat().st_mtime_ns
+    data = json.loads((quick_denoise / "denoise.json").read_text(encoding="utf-8"))["data"]
     (quick_denoise / "denoise" / "unet" / "result.json").unlink()     # evaluation interrupted
 
     def no_training(*args, **kwargs):
@@ -57,6 +58,7 @@ def test_resumed_study_does_not_retrain(quick_denoise, monkeypatch):
     assert trained.stat().st_mtime_ns == before
     doc = json.loads((quick_denoise / "denoise.json").read_text(encoding="utf-8"))
     assert "nlm" in doc["methods"] and "unet" in doc["methods"]     # a partial rerun keeps the other rows
+    assert doc["data"] == data                                         # and what the data set was
 
 
 def test_report_merges(quick_denoise, capsys):

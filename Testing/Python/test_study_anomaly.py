@@ -142,25 +142,6 @@ def test_normative_maps_are_voxelwise_z_scores(tmp_path, phantom_dir):
     assert two.array[1, 2, 2] == pytest.approx(3.0, abs=1e-4) and two.array[0, 0, 0] == pytest.approx(0.0, abs=1e-4)
 
 
-def test_out_of_place_marks_tissue_where_the_cohort_has_none():
-    """Constructed: a healthy cohort with grey matter (class 2) in the left half only, white matter
-    (class 3) in the right; a case identical to it scores nothing, a case with a grey-matter block in
-    the right half scores there and nowhere else (beyond the smoothing), outside the brain stays zero."""
-    shape = (4, 12, 12)
-    p = np.zeros((4, *shape), np.float32)                  # background, CSF, GM, WM
-    p[2, :, :, :6], p[3, :, :, 6:] = 1.0, 1.0
-    brain = np.ones(shape, bool)
-    brain[:, 0, :] = False                                  # one row outside the brain
-    healthy = an.out_of_place(p, [p, p], brain)
-    assert np.allclose(healthy, 0.0)
-    case = p.copy()
-    case[2, :, 4:8, 8:11], case[3, :, 4:8, 8:11] = 1.0, 0.0    # grey matter out of place
-    case[1, :, 0, :] = 1.0                                  # CSF outside the brain: not scored
-    m = an.out_of_place(case, [p, p], brain)
-    assert m[:, 5:7, 9].min() > 0.3 and m[:, 5:7, 2].max() < 0.01 and np.all(m[:, 0, :] == 0)
-    assert np.unravel_index(np.argmax(m), m.shape)[1:] in {(5, 9), (6, 9), (5, 10), (6, 10)}
-
-
 def test_validation_threshold_and_volume_cut():
     from DiffusionMICLib.volume import Geometry, Volume
     grid = Geometry((2, 2, 1), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
