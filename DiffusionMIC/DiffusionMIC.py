@@ -196,7 +196,8 @@ class DiffusionMICWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Fill each panel's model selector from the catalog."""
         self._cards.clear()
         for task, view in self._views.items():
-            view.populate(self.logic.models(task), self._parameterNode and getattr(self._parameterNode, f"{task}Model"))
+            view.populate(panels.modelEntries(view.panel, self.logic.models),
+                          self._parameterNode and getattr(self._parameterNode, f"{task}Model"))
         self._text2image.populate()
         self._onParameterNodeModified()
 
@@ -233,7 +234,9 @@ class DiffusionMICWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return   # the parameter node was completed: its Modified event shows it again
             if p.task not in self._jobs:
                 inputs = list(getattr(pn, f"{p.task}Inputs")) if p.takesInputs else []
-                ready, why = panels.canApply(p, getattr(pn, f"{p.task}Model"), inputs, self._views[p.task].slots)
+                view = self._views[p.task]
+                ready, why = panels.canApply(p, getattr(pn, f"{p.task}Model"), inputs, view.slots,
+                                             view.modelView.healthy, getattr(pn, f"{p.task}Healthy", None))
                 button = self._widget(p.task, "ApplyButton")
                 button.enabled, button.toolTip = ready, _(why)
         if "compare" not in self._jobs:
@@ -273,7 +276,7 @@ class DiffusionMICWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p, pn = panels.panel(task), self._parameterNode
         sampling = {key: getattr(getattr(pn, task), key) for key in catalog.FALLBACK_DEFAULTS}
         extras = {name: getattr(pn, f"{task}{name[0].upper()}{name[1:]}") for name in p.extraOptions}
-        options = panels.runOptions(p, sampling, extras, pn.device)
+        options = panels.runOptions(p, sampling, extras, pn.device, self._views[task].modelView)
         inputs = list(getattr(pn, f"{task}Inputs"))[:len(self._views[task].slots)] if p.takesInputs else []
         self._toggleRun(task, lambda: self.logic.start(
             task, inputs, getattr(pn, f"{task}Model"), outputNode=getattr(pn, f"{task}Output"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from . import catalog
 
@@ -25,6 +25,7 @@ class Panel:
     extraOptions: tuple[str, ...] = ()    # parameter-node fields passed to Logic.start by name
     feedsCompare: bool = True             # a finished run fills the Compare panel
     showsScore: bool = False              # the result's score goes into <task>ScoreLabel
+    alsoLists: tuple[str, ...] = ()       # other tasks whose models the panel offers too
 
 
 PANELS: tuple[Panel, ...] = (
@@ -35,11 +36,19 @@ PANELS: tuple[Panel, ...] = (
     Panel("translate", "Modality conversion"),
     Panel("segment", "Segment", outputClass="vtkMRMLSegmentationNode"),
     Panel("denoise", "Denoise", extraOptions=("adapt",)),
-    Panel("anomaly", "Anomaly detection", showsScore=True),
+    # anomaly: also a segmenter against a folder of healthy subjects (the tissue atlas, `run anomaly --healthy`)
+    Panel("anomaly", "Anomaly detection", showsScore=True, extraOptions=("healthy",), alsoLists=("segment",)),
 )
 TASKS: tuple[str, ...] = tuple(p.task for p in PANELS)
 LABELS = "labels"      # the card's input name for a label map (DiffusionMICLib.models.LABEL_INPUT)
 LESIONS = "lesions"    # the optional lesion mask of a lesion-map generator
+ATLAS = "Tissue atlas against healthy subjects: "   # how the anomaly panel describes a segmenter
+
+
+def chosenFolder(path) -> str:
+    """The folder of a path field ("" when none is chosen: the wrapper's empty Path reads ".")."""
+    text = "" if path is None else str(path)
+    return "" if text in ("", ".") else text
 
 
 def panel(task: str) -> Panel:
@@ -47,6 +56,15 @@ def panel(task: str) -> Panel:
         if p.task == task:
             return p
     raise KeyError(f"no panel for task {task!r}")
+
+
+def modelEntries(p: Panel, models: Callable[[str], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The entries a panel's model selector lists: the task's models (`models(task)`), then those of
+    the tasks it also lists, their description saying what they do there."""
+    entries = list(models(p.task))
+    for task in p.alsoLists:
+        entries += [dict(e, description=ATLAS + (e.get("description") or "")) for e in models(task)]
+    return entries
 
 
 @dataclass(frozen=True)
@@ -89,6 +107,7 @@ class ModelView:
     slots: tuple[InputSlot, ...]
     conditions: tuple[str, ...] = ()       # class-conditional generators: the classes
     lesionLoad: bool = False               # a lesion-map generator: takes a lesion load (mL)
+    healthy: bool = False                  # a segmenter in the anomaly panel: needs a healthy cohort
     info: str = ""
     toolTip: str = ""
     defaults: dict[str, Any] = field(default_factory=dict)
@@ -113,10 +132,14 @@ def describeModel(p: Panel, model: str, card: dict[str, Any] | None) -> ModelVie
         info = f"No {p.task} model in the catalog yet."
         return ModelView(inputSlots(p, None), info=info, toolTip="No model: add one to the catalog or choose a folder",
                          defaults=catalog.cardDefaults(None))
+    healthy = "healthy" in p.extraOptions and (card or {}).get("task") in p.alsoLists
+    info = (card or {}).get("description", "")
+    if healthy:
+        info = (ATLAS + info + " It marks tissue where the healthy subjects (a data set folder, nnU-Net layout, "
+                "same contrasts), each registered onto the input, have none.")
     return ModelView(inputSlots(p, card), tuple((card or {}).get("classes") or ()),
-                     lesionLoad=bool(((card or {}).get("training") or {}).get("lesion_map")),
-                     info=(card or {}).get("description", ""), toolTip=catalog.cardTooltip(card, model),
-                     defaults=catalog.cardDefaults(card))
+                     lesionLoad=bool(((card or {}).get("training") or {}).get("lesion_map")), healthy=healthy,
+                     info=info, toolTip=catalog.cardTooltip(card, model), defaults=catalog.cardDefaults(card))
 
 
 def _words(name: str) -> list[str]:
@@ -154,21 +177,29 @@ def carryInputs(oldSlots: Iterable[InputSlot], oldNodes: list, newSlots: Iterabl
     return [byContrast.get(slot.contrast) for slot in newSlots]
 
 
-def runOptions(p: Panel, sampling: dict[str, Any], extras: dict[str, Any], device: str) -> dict[str, Any]:
-    """Keyword arguments of Logic.start for a panel's current parameters."""
+def runOptions(p: Panel, sampling: dict[str, Any], extras: dict[str, Any], device: str,
+               view: ModelView | None = None) -> dict[str, Any]:
+    """Keyword arguments of Logic.start for a panel's current parameters (the healthy folder only
+    for a model that takes one: `view.healthy`)."""
     options = {key: sampling[key] for key in catalog.FALLBACK_DEFAULTS}
     options["device"] = device
     for name in p.extraOptions:
         value = extras.get(name)
+        if name == "healthy":
+            value = chosenFolder(value) if view is not None and view.healthy else None
         options[name] = None if value == "" else value
     return options
 
 
-def canApply(p: Panel, model: str, inputs: list, slots: tuple[InputSlot, ...]) -> tuple[bool, str]:
-    """Whether Apply can run with `inputs` for the model's `slots`, and the button's tooltip saying why not."""
+def canApply(p: Panel, model: str, inputs: list, slots: tuple[InputSlot, ...], needsHealthy: bool = False,
+             healthy=None) -> tuple[bool, str]:
+    """Whether Apply can run with `inputs` for the model's `slots` (and a `healthy` folder when the model
+    `needsHealthy` one), and the button's tooltip saying why not."""
     if not model:
         return False, "Choose a model"
     required = [i for i, slot in enumerate(slots) if not slot.optional]
     if any(i >= len(inputs) or inputs[i] is None for i in required):
         return False, "Choose the label map" if any(s.isLabelMap for s in slots) else "Choose the input volume(s)"
+    if needsHealthy and not chosenFolder(healthy):
+        return False, "Choose the folder of healthy subjects (a data set with the same contrasts)"
     return True, f"Run {p.title}"

@@ -37,6 +37,7 @@ class PanelView:
         self.readCard = readCard
         self.combo = self.widget("ModelComboBox")
         self.slots: tuple[panels.InputSlot, ...] = ()
+        self.modelView = panels.ModelView(())   # what show() last showed
         self.selectors: list = []          # (QLabel, qMRMLNodeComboBox) per slot
         self.onInputChanged: Callable[[int, object], None] | None = None
 
@@ -98,7 +99,7 @@ class PanelView:
         if not model and self.combo.count > 1:   # the task's first catalog model
             self.selectModel(pn, self.combo.itemData(0))
             return False
-        view = panels.describeModel(self.panel, model, self.readCard(model))
+        view = self.modelView = panels.describeModel(self.panel, model, self.readCard(model))
         with Blocked(self.combo):
             self.combo.currentIndex = self.combo.findData(model) if model else -1
         self.combo.toolTip = view.toolTip
@@ -116,6 +117,9 @@ class PanelView:
         lesionLoad = self.widget("LesionLoadSpinBox")
         if lesionLoad is not None:
             lesionLoad.enabled = view.lesionLoad
+        healthy = self.widget("HealthyPathLineEdit")
+        if healthy is not None:
+            healthy.enabled = view.healthy
         return self._showInputs(pn, view.slots) if self.panel.takesInputs else True
 
     def _buildSelectors(self, slots) -> None:

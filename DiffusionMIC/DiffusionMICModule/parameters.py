@@ -65,6 +65,7 @@ class DiffusionMICParameterNode:
     anomalyInputs: list[vtkMRMLScalarVolumeNode]
     anomaly: DiffusionMICSampling
     anomalyOutput: vtkMRMLScalarVolumeNode
+    anomalyHealthy: Path      # a segmenter's healthy cohort (tissue atlas): a data set folder; "." none
 
     compareInput: vtkMRMLScalarVolumeNode
     compareResult: Union[vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, None]

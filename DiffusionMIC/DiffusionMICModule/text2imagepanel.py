@@ -15,18 +15,12 @@ from typing import Any, Callable
 import slicer
 
 from .compat import hasApp
-from .panels import TASKS
+from .panels import TASKS, chosenFolder
 from .text2image import METHODS
 
 FINETUNE_KINDS = ("text2image", *TASKS)
 FINETUNE_SOURCES = ("folder", "volumes")
 RANKED = ("lora", "hypernetwork")      # text-to-image methods that take --rank
-
-
-def chosenFolder(path) -> str:
-    """The folder of a path field ("" when none is chosen: the wrapper's empty Path reads ".")."""
-    text = "" if path is None else str(path)
-    return "" if text in ("", ".") else text
 
 
 def baseChoices(kind: str, textModels: list[dict], taskModels: list[dict]) -> list[tuple[str, str]]:

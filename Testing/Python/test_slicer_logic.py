@@ -336,12 +336,13 @@ def test_ui_file_matches_parameter_node_and_widget():
     assert mrml_widgets == connected
     # Every panel of the table has its widgets; the code uses no other suffix than these.
     suffixes = ("ApplyButton", "ModelComboBox", "ModelInfoLabel", "ProgressBar", "StatusLabel", "InputsWidget",
-                "ScoreLabel", "ConditionComboBox", "MetricsButton", "LesionLoadSpinBox")
+                "ScoreLabel", "ConditionComboBox", "MetricsButton", "LesionLoadSpinBox", "HealthyPathLineEdit")
     required = {f"{p.task}{s}" for p in panels.PANELS for s in suffixes[:5]}
     required |= {f"{p.task}InputsWidget" for p in panels.PANELS if p.takesInputs}
     required |= {f"{p.task}ScoreLabel" for p in panels.PANELS if p.showsScore}
     required |= {f"{p.task}ConditionComboBox" for p in panels.PANELS if "condition" in p.extraOptions}
     required |= {f"{p.task}LesionLoadSpinBox" for p in panels.PANELS if "lesionLoad" in p.extraOptions}
+    required |= {f"{p.task}HealthyPathLineEdit" for p in panels.PANELS if "healthy" in p.extraOptions}
     required |= {"compareProgressBar", "compareStatusLabel", "compareMetricsButton"}
     source = "".join((MODULE_DIR / name).read_text(encoding="utf-8") for name in (
         "DiffusionMIC.py", "DiffusionMICModule/panelview.py", "DiffusionMICModule/text2imageview.py"))

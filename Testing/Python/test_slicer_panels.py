@@ -104,6 +104,33 @@ def test_run_options_from_the_panel():
     assert panels.runOptions(panels.panel("denoise"), sampling, {"adapt": 200}, "auto")["adapt"] == 200
 
 
+def test_anomaly_panel_offers_segmenters_against_a_healthy_cohort(tmp_path):
+    """The tissue atlas in the Anomaly panel: segmenters are listed after the anomaly models, need a
+    healthy folder before Apply, and only they pass it on (`run anomaly --healthy`)."""
+    anomaly = panels.panel("anomaly")
+    entries = panels.modelEntries(anomaly, lambda task: catalog.modelsForTask(task, REPO))
+    tasks = [e["task"] for e in entries]
+    assert tasks[0] == "anomaly" and "segment" in tasks and tasks == sorted(tasks)    # anomaly models first
+    atlas = next(e for e in entries if e["name"] == "brain-mri-lesion-segment")
+    assert atlas["description"].startswith(panels.ATLAS)
+    assert not any(e["description"].startswith(panels.ATLAS) for e in entries if e["task"] == "anomaly")
+    view = panels.describeModel(anomaly, "brain-mri-lesion-segment", SEGMENT_CARD)
+    reconstruction = panels.describeModel(anomaly, "brain-mri-anomaly", {"task": "anomaly", "inputs": ["FLAIR"]})
+    assert view.healthy and not reconstruction.healthy and len(view.slots) == 4
+    inputs = ["t1", "t2", "pd", "flair"]
+    assert panels.canApply(anomaly, "brain-mri-lesion-segment", inputs, view.slots, view.healthy, Path(".")) == (
+        False, "Choose the folder of healthy subjects (a data set with the same contrasts)")
+    assert panels.canApply(anomaly, "brain-mri-lesion-segment", inputs, view.slots, view.healthy, tmp_path)[0]
+    assert panels.canApply(anomaly, "brain-mri-anomaly", ["flair"], reconstruction.slots, reconstruction.healthy,
+                           Path("."))[0]
+    sampling = dict(catalog.FALLBACK_DEFAULTS)
+    assert panels.runOptions(anomaly, sampling, {"healthy": tmp_path}, "auto", view)["healthy"] == str(tmp_path)
+    assert panels.runOptions(anomaly, sampling, {"healthy": tmp_path}, "auto", reconstruction)["healthy"] is None
+    assert panels.runOptions(anomaly, sampling, {"healthy": Path(".")}, "auto", view)["healthy"] is None
+    assert panels.modelEntries(panels.panel("segment"), lambda task: catalog.modelsForTask(task, REPO)) == (
+        catalog.modelsForTask("segment", REPO))
+
+
 def test_extension_packages_every_module_file():
     import re
     listed = set(re.findall(r"\$\{MODULE_NAME\}Module/(\w+\.py)", (REPO / "DiffusionMIC" / "CMakeLists.txt").read_text(encoding="utf-8")))
