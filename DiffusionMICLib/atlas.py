@@ -26,7 +26,7 @@ from .inputs import align_inputs
 from .models import read_card, resolve_model
 from .progress import Progress, ProgressCallback, as_progress
 from .registration import affine, carry
-from .tasks.anomaly import brain_mask, top_mean
+from .tasks.anomaly import TOP_FRACTION, brain_mask, top_mean
 from .tasks.base import RunResult
 from .volume import Volume
 
@@ -35,7 +35,6 @@ from .volume import Volume
 # (what affine registration leaves misaligned), the excess smoothed by SMOOTH voxels.
 SLACK = 3
 SMOOTH = 1.5
-TOP_FRACTION = 0.001    # the volume score: the mean of the map's top 0.1 % in the brain, as the anomaly task's
 # The mask's default level (summed probability excess): about the best-Dice threshold on the study's
 # validation subjects of the grey-matter-like, T1-dark and tumour kinds (0.19-0.21); no healthy
 # test voxel exceeded those there.
@@ -117,8 +116,9 @@ class TissueAtlas:
         for i, (anchor, q) in enumerate(self.subjects):
             t = transforms[i] if transforms is not None else affine(ref, anchor)
             cohort.append(carry(q, anchor, ref, t))
-            # where a healthy subject's grid does not reach (a thinner slab), it says nothing about the tissue
-            covered &= carry(np.ones(anchor.array.shape, np.float32), anchor, ref, t) > 0.5
+            # where a healthy subject's grid does not reach (a thinner slab), it says nothing about the tissue:
+            # its probabilities sum to 1 on its grid and are carried as 0 outside it
+            covered &= cohort[-1].sum(0) > 0.5
             bar.advance()
         bar.close()
         # the brain as the task's maps have it (Otsu union, holes filled), eroded by 1 voxel: registration

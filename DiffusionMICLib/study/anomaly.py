@@ -29,7 +29,7 @@ from ..progress import Progress
 from ..atlas import SLACK, SMOOTH, TissueAtlas
 from ..registration import affine, carry
 from ..tasks import get_task
-from ..tasks.anomaly import PHANTOM_LESION, Reconstruct, brain_mask, lesion_reference, top_mean
+from ..tasks.anomaly import PHANTOM_LESION, TOP_FRACTION, Reconstruct, brain_mask, lesion_reference, top_mean
 from ..volume import Volume, onto_grid
 from .core import (PHANTOM_TEST_SEED, Context, Evaluation, Method, budget_recipe, budget_used, bundled_note,
                    write_json)
@@ -146,7 +146,6 @@ RESNET_LR = 3e-3
 # value and spread; full, quick.
 NORMATIVE_SEED = 9201
 NORMATIVE_SUBJECTS = (8, 2)
-SCORE_TOP = 0.001           # a normative map's volume score: the mean of its top 0.1 %, as the task's score
 
 
 def _card(ctx: Context) -> ModelCard:
@@ -538,7 +537,7 @@ def normative(ctx: Context, detectors: list[Detector], two_sided: bool, register
             zs.append(np.abs(z) if two_sided else np.clip(z, 0.0, None))
         inside = np.any([m.array != 0 for m in maps], axis=0)
         z = np.where(inside, np.mean(zs, axis=0), 0.0).astype(np.float32)
-        return maps[0].with_array(z), top_mean(z[inside], SCORE_TOP)
+        return maps[0].with_array(z), top_mean(z[inside], TOP_FRACTION)
     return detect
 
 

@@ -102,6 +102,9 @@ def brain_mask(arrays: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(mask)
 
 
+TOP_FRACTION = 0.001    # the volume score by default: the mean of the map's top 0.1 % in the brain
+
+
 def top_mean(values: np.ndarray, fraction: float) -> float:
     """Mean of the largest `fraction` of values (at least one)."""
     if values.size == 0:
@@ -140,7 +143,7 @@ class Anomaly(Task):
         n = len(channels)
         defaults = {"strength": 0.5 if masked else 0.3, "ensemble": 1, "noise": noise, "smooth_mm": 2.0,
                     "erode_mm": 2.0,
-                    "top_fraction": 0.001,
+                    "top_fraction": TOP_FRACTION,
                     "threshold_percentile": 99.9, "threshold": spec.get("threshold"), "score_threshold": None,
                     "threshold_source": "settings" if spec.get("threshold") is not None else None,
                     "masked": {"box": int(masked["box"])} if masked else None}
@@ -274,7 +277,7 @@ class Anomaly(Task):
         amap, mask = self.anomaly_map(card, space, reconstruct)
         progress.close()
         d = card.defaults
-        score = top_mean(amap[mask], float(d.get("top_fraction", 0.001)))
+        score = top_mean(amap[mask], float(d.get("top_fraction", TOP_FRACTION)))
         out = space.leave(amap)
         out = out.with_array(np.clip(out.array, 0.0, None).astype(np.float32))
         threshold = d.get("threshold")
@@ -313,7 +316,7 @@ class Anomaly(Task):
             if lesions is not None:
                 healthy &= ~ndimage.binary_dilation(space.arrays[-1] > 0.1, iterations=2)
             values.append(amap[healthy])
-            scores.append(top_mean(amap[healthy], float(d.get("top_fraction", 0.001))))
+            scores.append(top_mean(amap[healthy], float(d.get("top_fraction", TOP_FRACTION))))
             used.append(case.id)
         progress.close()
         if not used:
